@@ -1,0 +1,342 @@
+"""Typed, validated run configuration.
+
+A run is described by one YAML file (see configs/) plus dotted overrides on the command line,
+e.g. ``pretrain train configs/tiny.yaml train.lr=3e-4``. Unknown keys and wrong types are errors
+that name the key. Every stage writes the resolved config next to its outputs.
+
+Paths left empty are derived from ``workdir`` (see the ``*_dir`` properties of ``Config``).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or file and the fix."""
+
+
+class Section(BaseModel):
+    # strict: no silent str->int coercion; extra=forbid: a typo in a key is an error, not ignored.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class TokenizerConfig(Section):
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    vocab_size: int = Field(4000, gt=8)
+    # Sample of the corpus the tokenizer is trained on (bytes of text).
+    sample_bytes: int = Field(20_000_000, gt=0)
+    # Reuse an existing SentencePiece model instead of training one.
+    model_path: Optional[str] = None
+    character_coverage: float = Field(0.9995, gt=0, le=1)
+
+
+class DataConfig(Section):
+    # Plain text, JSONL (text_field), gzip of either; files, directories or globs.
+    corpus: list[str] = Field(default_factory=lambda: ["data/corpus"])
+    text_field: str = "text"
+    # Invalid UTF-8: "replace" with U+FFFD, or "skip" the line and count it.
+    utf8_errors: Literal["replace", "skip"] = "replace"
+    # Output directory of `pretrain prepare`; empty -> <workdir>/data.
+    dir: Optional[str] = None
+    seq_len: int = Field(128, gt=1)
+    samples_per_shard: int = Field(1024, gt=0)
+    valid_fraction: float = Field(0.02, ge=0, lt=1)
+    seed: int = 0
+    # Tokenisation processes; 0 -> all CPU cores.
+    num_proc: int = Field(0, ge=0)
+    # A corrupt shard while streaming: stop with an error, or log, count and skip it.
+    on_corrupt_shard: Literal["error", "skip"] = "error"
+    # Shuffle buffer (samples) inside each loader worker; 0 disables the sample-level shuffle.
+    shuffle_buffer: int = Field(256, ge=0)
+    # DataLoader worker processes per rank.
+    loader_workers: int = Field(1, ge=0)
+
+
+class TargetsConfig(Section):
+    method: Literal["trained", "imported", "random"] = "trained"
+    dim: int = Field(64, gt=1)
+    # Output table; empty -> <workdir>/targets/targets.safetensors.
+    path: Optional[str] = None
+    # For method=imported: a word2vec/fastText .vec/.txt or binary file.
+    import_path: Optional[str] = None
+    import_binary: bool = False
+    # gensim trainer settings.
+    algorithm: Literal["skipgram", "fasttext"] = "fasttext"
+    window: int = Field(5, gt=0)
+    negative: int = Field(5, ge=0)
+    epochs: int = Field(3, gt=0)
+    min_count: int = Field(1, gt=0)
+    seed: int = 0
+    # Learned targets: the table becomes a trainable parameter with an anti-collapse remedy.
+    learned: bool = False
+    learned_remedy: Literal["none", "contrastive", "ema", "vicreg"] = "contrastive"
+    learned_lr_scale: float = Field(1.0, gt=0)
+    contrastive_weight: float = Field(1.0, ge=0)
+    contrastive_temperature: float = Field(0.1, gt=0)
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+
+
+class ModelConfig(Section):
+    objective: Literal["masked", "causal"] = "masked"
+    head: Literal["continuous", "softmax"] = "continuous"
+    d_model: int = Field(128, gt=0)
+    n_layers: int = Field(2, gt=0)
+    n_heads: int = Field(4, gt=0)
+    d_ff: int = Field(512, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    max_seq_len: int = Field(128, gt=1)
+    # Softmax head: tie the output projection to the input embeddings.
+    tie_softmax: bool = False
+    # Initialise input embeddings from the target table (needs d_model == targets.dim, else projected).
+    init_embeddings_from_targets: bool = False
+    mask_prob: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        return self
+
+
+class LossConfig(Section):
+    name: Literal[
+        "cosine", "l2", "l2_raw", "vmf", "vmf_reg1", "vmf_reg2", "vmf_practice", "margin", "syn_margin_orth", "syn_margin_diff"
+    ] = "cosine"
+    # auto: Triton on CUDA, PyTorch reference elsewhere.
+    impl: Literal["auto", "triton", "reference"] = "auto"
+    # Fuse the hidden -> D projection with the loss, processed in token chunks.
+    fused_head: bool = False
+    chunk_size: int = Field(1024, gt=0)
+    # vMF: closed-form approximation of log C_m (default) or the exact Bessel form.
+    vmf_exact: bool = False
+    vmf_lambda1: float = 0.02
+    vmf_lambda2: float = 0.1
+    vmf_lambda: float = 0.2
+    margin: float = 0.5
+
+
+class TrainConfig(Section):
+    # Run directory; empty -> <workdir>/runs/<run_name>.
+    run_dir: Optional[str] = None
+    run_name: str = "run"
+    steps: int = Field(200, gt=0)
+    micro_batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    pipeline_stages: int = Field(1, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    keep_last: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 1234
+    # NaN/inf guard: skip such steps; stop (with a checkpoint) after this many in a row.
+    max_bad_steps_in_row: int = Field(5, gt=0)
+    progress: bool = True
+
+
+class EvalConfig(Section):
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    # auto: sharded over all GPUs when there are several, one GPU, else CPU.
+    device: Literal["auto", "cpu", "gpu", "sharded"] = "auto"
+    topk: int = Field(5, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_batches: int = Field(0, ge=0)  # 0 = the whole validation split
+    ivf_nlist: int = Field(256, gt=0)
+    ivf_nprobe: int = Field(16, gt=0)
+    hnsw_m: int = Field(32, gt=0)
+    hnsw_ef_search: int = Field(128, gt=0)
+    samples_to_show: int = Field(3, ge=0)
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    # Empty -> a local SQLite store inside the run directory (no server needed).
+    tracking_uri: Optional[str] = None
+    experiment: str = "softmax-free-pretraining"
+
+
+class FinetuneConfig(Section):
+    train_file: str = "data/finetune/train.jsonl"
+    valid_file: str = "data/finetune/valid.jsonl"
+    text_field: str = "text"
+    label_field: str = "label"
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    max_len: int = Field(64, gt=1)
+    pooling: Literal["mean", "first"] = "mean"
+    from_scratch: bool = False
+    seed: int = 0
+
+
+class Config(Section):
+    # Everything a run writes goes under workdir unless a section names its own path.
+    workdir: str = "runs/tiny"
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.train.zero_stage >= 2 and self.train.pipeline_stages > 1:
+            raise ValueError(
+                f"train.pipeline_stages={self.train.pipeline_stages} needs train.zero_stage 0 or 1 "
+                f"(DeepSpeed pipeline parallelism does not support ZeRO-{self.train.zero_stage})"
+            )
+        if self.model.objective == "causal" and self.model.max_seq_len < self.data.seq_len:
+            pass  # checked against the shards' manifest before training (engine)
+        return self
+
+    # Derived locations -------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir) if self.data.dir else Path(self.workdir) / "data"
+
+    @property
+    def targets_path(self) -> Path:
+        return Path(self.targets.path) if self.targets.path else Path(self.workdir) / "targets" / "targets.safetensors"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir) if self.train.run_dir else Path(self.workdir) / "runs" / self.train.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Loading ---------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 3e-4 as a float (YAML 1.1 insists on a dot: 3.0e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    # YAML parses numbers, booleans, null and lists ([a, b]) the same way the config files do.
+    try:
+        value = _yaml_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for depth, part in enumerate(path[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see configs/tiny.yaml for all keys)")
+        else:
+            got = err.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"  {key}: {err['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def _coerce_tuples(raw: Any) -> Any:
+    # YAML has no tuple; strict mode would refuse a list for train.betas.
+    if isinstance(raw, dict):
+        return {k: (tuple(v) if k == "betas" and isinstance(v, list) else _coerce_tuples(v)) for k, v in raw.items()}
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(_coerce_tuples(raw))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (default: configs/tiny.yaml), apply dotted overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (the shipped ones are in {CONFIG_DIR})")
+    try:
+        raw = _yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source=f"{path}" + (f" with overrides {overrides}" if overrides else ""))
+
+
+def save_resolved(cfg: Config, directory: str | Path, name: str = "config.resolved.yaml") -> Path:
+    """Write the fully resolved config next to a stage's outputs (atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(target)
+    return target
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; used for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,74 @@
+import pytest
+import yaml
+
+from pretrain.cli import build_parser, main
+from pretrain.config import ConfigError, flatten, load_config, save_resolved
+
+
+def test_tiny_config_loads_with_derived_paths(repo_root):
+    cfg = load_config(repo_root / "configs" / "tiny.yaml")
+    assert cfg.model.head == "continuous"
+    assert str(cfg.data_dir).endswith("runs/tiny/data")
+    assert str(cfg.run_dir).endswith("runs/tiny/runs/run")
+
+
+def test_base_config_is_valid(repo_root):
+    cfg = load_config(repo_root / "configs" / "base.yaml")
+    assert cfg.train.precision == "bf16" and cfg.model.d_model == 1024
+
+
+def test_dotted_overrides_are_typed(repo_root):
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", ["train.lr=3e-4", "model.head=softmax", "data.corpus=[a, b]"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.head == "softmax"
+    assert cfg.data.corpus == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lrr=1", "train.lrr"),
+        ("train.steps=abc", "train.steps"),
+        ("model.head=sigmoid", "model.head"),
+        ("train.steps=-3", "train.steps"),
+        ("nosuchsection.x=1", "nosuchsection"),
+        ("tracking.enabled=maybe", "tracking.enabled"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(repo_root, override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(repo_root / "configs" / "tiny.yaml", [override])
+    assert key in str(err.value)
+
+
+def test_cross_check_pipeline_with_zero3(repo_root):
+    with pytest.raises(ConfigError, match="pipeline_stages"):
+        load_config(repo_root / "configs" / "tiny.yaml", ["train.zero_stage=3", "train.pipeline_stages=2"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.lr"])
+
+
+def test_resolved_config_round_trips(tmp_path, repo_root):
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", ["train.steps=7"])
+    path = save_resolved(cfg, tmp_path)
+    again = load_config(path)
+    assert again == cfg and again.train.steps == 7
+    assert flatten(yaml.safe_load(path.read_text()))["train.steps"] == 7
+
+
+def test_cli_help_lists_stages(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for name, _ in build_parser()._subparsers._group_actions[0].choices.items():
+        assert name in out
