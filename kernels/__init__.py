@@ -1,0 +1,1 @@
+"""Continuous-output losses (Triton kernels + PyTorch references); imports as `pretrain_kernels`."""
