@@ -46,6 +46,9 @@ class DataConfig(Section):
     # Plain text, JSONL (text_field), gzip of either; files, directories or globs.
     corpus: list[str] = Field(default_factory=lambda: ["data/corpus"])
     text_field: str = "text"
+    # What one document is in a plain-text file: each non-empty "line", or a "blank_line"-separated
+    # paragraph (lines joined with "\n"). In JSONL, a document is always one record's text_field.
+    doc_separator: Literal["line", "blank_line"] = "line"
     # Invalid UTF-8: "replace" with U+FFFD, or "skip" the line and count it.
     utf8_errors: Literal["replace", "skip"] = "replace"
     # Output directory of `pretrain prepare`; empty -> <workdir>/data.
@@ -54,7 +57,7 @@ class DataConfig(Section):
     samples_per_shard: int = Field(1024, gt=0)
     valid_fraction: float = Field(0.02, ge=0, lt=1)
     seed: int = 0
-    # Tokenisation processes; 0 -> all CPU cores.
+    # Tokenisation threads (SentencePiece encodes in C++ threads); 0 -> all CPU cores.
     num_proc: int = Field(0, ge=0)
     # A corrupt shard while streaming: stop with an error, or log, count and skip it.
     on_corrupt_shard: Literal["error", "skip"] = "error"
@@ -78,6 +81,10 @@ class TargetsConfig(Section):
     negative: int = Field(5, ge=0)
     epochs: int = Field(3, gt=0)
     min_count: int = Field(1, gt=0)
+    # fastText hash buckets for character n-grams (gensim's default 2M x dim floats is too big here).
+    ngram_buckets: int = Field(100_000, gt=0)
+    # Trainer threads; 0 -> all CPU cores.
+    workers: int = Field(0, ge=0)
     seed: int = 0
     # Learned targets: the table becomes a trainable parameter with an anti-collapse remedy.
     learned: bool = False
@@ -85,6 +92,9 @@ class TargetsConfig(Section):
     learned_lr_scale: float = Field(1.0, gt=0)
     contrastive_weight: float = Field(1.0, ge=0)
     contrastive_temperature: float = Field(0.1, gt=0)
+    # Uniformly sampled negative ids per step, on top of the batch's own targets (contrastive, vicreg).
+    contrastive_negatives: int = Field(1024, ge=0)
+    vicreg_weight: float = Field(1.0, ge=0)
     ema_decay: float = Field(0.99, ge=0, lt=1)
 
 
@@ -121,6 +131,9 @@ class LossConfig(Section):
     chunk_size: int = Field(1024, gt=0)
     # vMF: closed-form approximation of log C_m (default) or the exact Bessel form.
     vmf_exact: bool = False
+    # Closed form of log C_m: debye (accurate NLL, default) or the two circulating forms of Kumar &
+    # Tsvetkov's code, paper ((v+1)²) / paper_fixed ((v-1)²), which are up to a constant (docs/kernels.md).
+    vmf_approx: Literal["debye", "paper", "paper_fixed"] = "debye"
     vmf_lambda1: float = 0.02
     vmf_lambda2: float = 0.1
     vmf_lambda: float = 0.2
@@ -158,12 +171,15 @@ class EvalConfig(Section):
     device: Literal["auto", "cpu", "gpu", "sharded"] = "auto"
     topk: int = Field(5, gt=0)
     batch_size: int = Field(32, gt=0)
-    max_batches: int = Field(0, ge=0)  # 0 = the whole validation split
+    max_batches: int = Field(0, ge=0)  # per rank; 0 = the rank's whole share of the validation split
     ivf_nlist: int = Field(256, gt=0)
     ivf_nprobe: int = Field(16, gt=0)
     hnsw_m: int = Field(32, gt=0)
     hnsw_ef_search: int = Field(128, gt=0)
     samples_to_show: int = Field(3, ge=0)
+    # Seeds the masked objective's corruption in eval, so every checkpoint (continuous or softmax)
+    # is scored on the identical masked positions.
+    seed: int = 0
 
 
 class TrackingConfig(Section):
@@ -171,20 +187,32 @@ class TrackingConfig(Section):
     # Empty -> a local SQLite store inside the run directory (no server needed).
     tracking_uri: Optional[str] = None
     experiment: str = "softmax-free-pretraining"
+    # MLflow run name; empty -> the run directory's name.
+    run_name: Optional[str] = None
+    # Tracking server unreachable: keep records in <run_dir>/mlflow_pending.jsonl and retry this often.
+    retry_seconds: float = Field(60.0, gt=0)
+    # Per-request HTTP timeout towards the server, so a hung server never stalls training for long.
+    http_timeout_s: int = Field(5, gt=0)
 
 
 class FinetuneConfig(Section):
+    # Labelled CSV/TSV (header row) or JSONL files; relative paths are read from the current directory.
     train_file: str = "data/finetune/train.jsonl"
     valid_file: str = "data/finetune/valid.jsonl"
     text_field: str = "text"
     label_field: str = "label"
     epochs: int = Field(3, gt=0)
     batch_size: int = Field(32, gt=0)
-    lr: float = Field(3e-4, gt=0)
+    # Peak AdamW lr (10% linear warm-up, then linear decay); 1e-3 beat 3e-4 from pretrained and scratch alike.
+    lr: float = Field(1e-3, gt=0)
+    # Tokens per text (ids end with eos); at most the encoder's model.max_seq_len.
     max_len: int = Field(64, gt=1)
     pooling: Literal["mean", "first"] = "mean"
+    # Same architecture as the export, random weights: the baseline for what pretraining buys.
     from_scratch: bool = False
     seed: int = 0
+    # Torch CPU threads; 1 is ~10x faster than 2 for the tiny encoder on shared cores. 0 = torch's default.
+    num_threads: int = Field(1, ge=0)
 
 
 class Config(Section):
@@ -207,8 +235,20 @@ class Config(Section):
                 f"train.pipeline_stages={self.train.pipeline_stages} needs train.zero_stage 0 or 1 "
                 f"(DeepSpeed pipeline parallelism does not support ZeRO-{self.train.zero_stage})"
             )
-        if self.model.objective == "causal" and self.model.max_seq_len < self.data.seq_len:
-            pass  # checked against the shards' manifest before training (engine)
+        if self.train.pipeline_stages > 1:
+            unsupported = {
+                "model.tie_softmax": self.model.head == "softmax" and self.model.tie_softmax,
+                "loss.fused_head": self.model.head == "continuous" and self.loss.fused_head,
+                "targets.learned": self.model.head == "continuous" and self.targets.learned,
+            }
+            for key, on in unsupported.items():
+                if on:
+                    raise ValueError(f"train.pipeline_stages={self.train.pipeline_stages} does not support {key}=true; "
+                                     f"set {key}=false or train.pipeline_stages=1")
+            if self.train.pipeline_stages > self.model.n_layers:
+                raise ValueError(f"train.pipeline_stages={self.train.pipeline_stages} exceeds model.n_layers="
+                                 f"{self.model.n_layers}: every stage needs at least one transformer block")
+        # model.max_seq_len against the shards' seq_len: checked before training, from the manifest.
         return self
 
     # Derived locations -------------------------------------------------------------------------

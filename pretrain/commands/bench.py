@@ -26,7 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench/results.json", help="where `all` writes the combined JSON")
     sub = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
     for name, module in _suites().items():
-        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=getattr(module, "DESCRIPTION", module.HELP),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(p)
         p.set_defaults(_suite=module)
     p_all = sub.add_parser("all", help="every suite with its defaults; writes --out and the plots")

@@ -1,0 +1,33 @@
+"""`pretrain export RUN_DIR OUT_DIR`: a training checkpoint -> a self-contained encoder directory."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "export a run's checkpoint as safetensors + config.json + tokenizer + target table + model card"
+DESCRIPTION = """Export a training run (any ZeRO stage or pipeline layout) to a directory that loads
+without DeepSpeed or the run directory:
+
+    model.safetensors    weights (fp32 or bf16)
+    config.json          resolved config, vocab size, sha256 of every file
+    tokenizer.model      SentencePiece model
+    targets.safetensors  target table
+    README.md            model card (data, steps, eval numbers)
+
+Load it with:  model, tokenizer = pretrain.load_encoder(OUT_DIR)
+
+Run it from the directory the run was trained in (the run's config holds relative data paths)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (holds checkpoints/ and config.resolved.yaml), or one checkpoint directory")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="export directory to write (created; existing export files are replaced)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the stored weights (default fp32)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step-00000300 (default: the latest)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pretrain.downstream.export import export_run
+
+    out = export_run(args.run_dir, args.out_dir, dtype=args.dtype, tag=args.tag)
+    print(f"exported {args.run_dir} -> {out}  (load with: pretrain.load_encoder({str(out)!r}))")
+    return 0

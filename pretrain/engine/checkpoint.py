@@ -1,0 +1,276 @@
+"""Checkpoints: DeepSpeed's files plus ours, written atomically, the last K kept.
+
+Layout of <run_dir>/checkpoints/:
+    step-00000100/                DeepSpeed's files (model, ZeRO optimizer partitions, ...) and ours:
+        meta.json                 step, samples seen, hashes of tokenizer and targets, world size...
+        rank_00000.json ...       per rank: data stream state and RNG states
+        config.resolved.yaml      the run's resolved config
+    latest                        DeepSpeed's pointer file (the tag), moved last
+    zero_to_fp32.py               DeepSpeed's consolidation tool (ZeRO stages >= 1)
+
+Atomicity: every rank writes into `<tag>.partial/`; once all are done, rank 0 writes meta.json,
+renames the directory to `<tag>` and only then rewrites `latest` (write a temp file, os.replace).
+A crash at any point leaves `latest` on the previous complete checkpoint; stale `.partial`
+directories are removed by the next run.
+
+Test-only hook: PRETRAIN_TEST_CRASH_IN_SAVE=<step> kills the process (SIGKILL) in the middle of
+saving that step's checkpoint, after DeepSpeed's files are written and before the rename.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+META = "meta.json"
+CONFIG = "config.resolved.yaml"
+PARTIAL = ".partial"
+FORMAT = 1
+CRASH_ENV = "PRETRAIN_TEST_CRASH_IN_SAVE"
+
+
+def tag_for_step(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# RNG states as JSON (no pickle) --------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *[float(x) if isinstance(x, float) else int(x) for x in np_state[2:]]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+# Finding checkpoints ---------------------------------------------------------------------------------
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / META).is_file() and not tag_dir.name.endswith(PARTIAL)
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-") and is_complete(p))
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag `latest` points to; if the pointer is missing or stale, the newest complete checkpoint."""
+    pointer = ckpt_dir / LATEST
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if is_complete(ckpt_dir / tag):
+            return tag
+        log.warning("%s points to %r, which is not a complete checkpoint; using the newest complete one", pointer, tag)
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def resolve(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
+    """(checkpoints dir, tag) from a run dir, a checkpoints dir or a tag dir."""
+    path = Path(path)
+    if (path / CHECKPOINTS).is_dir():
+        ckpt_dir = path / CHECKPOINTS
+    elif is_complete(path):
+        ckpt_dir, tag = path.parent, tag or path.name
+    elif path.is_dir():
+        ckpt_dir = path
+    else:
+        raise FileNotFoundError(f"{path}: no such run or checkpoint directory")
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint (train longer than train.checkpoint_every, or pass another run)")
+    if not is_complete(ckpt_dir / tag):
+        raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} not found or incomplete (no {META}); available: {complete_tags(ckpt_dir)}")
+    return ckpt_dir, tag
+
+
+def read_meta(tag_dir: Path) -> dict:
+    try:
+        return json.loads((tag_dir / META).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{tag_dir / META} is unreadable ({exc}); resume from an earlier checkpoint with --resume {tag_dir.parent}/<tag>") from None
+
+
+def read_rank_state(tag_dir: Path, rank: int) -> dict:
+    path = tag_dir / rank_file(rank)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: the checkpoint was written by fewer ranks than this run has")
+    return json.loads(path.read_text())
+
+
+# Saving ----------------------------------------------------------------------------------------------
+
+def remove_partials(ckpt_dir: Path) -> None:
+    for stale in ckpt_dir.glob(f"*{PARTIAL}"):
+        log.warning("removing incomplete checkpoint %s (a save was interrupted)", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last complete checkpoints (never the one `latest` names)."""
+    keep = set(complete_tags(ckpt_dir)[-keep_last:])
+    pointer = latest_tag(ckpt_dir)
+    for tag in complete_tags(ckpt_dir):
+        if tag not in keep and tag != pointer:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def save(engine, ckpt_dir: Path, step: int, *, rank: int, rank_state: dict, meta: dict,
+         keep_last: int, write_extra=None) -> Path:
+    """Collective: every rank calls it. Returns the final tag directory.
+
+    write_extra(partial_dir) -> dict runs on rank 0 before the rename (resolved config, learned target
+    table); what it returns is added to meta.json.
+    """
+    import torch.distributed as dist
+
+    tag = tag_for_step(step)
+    partial = ckpt_dir / (tag + PARTIAL)
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, save_latest=False)
+    _write_atomic(partial / rank_file(rank), json.dumps(rank_state))
+    if os.environ.get(CRASH_ENV) == str(step):
+        log.error("%s=%s: simulating a crash in the middle of saving %s", CRASH_ENV, step, partial)
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+    final = ckpt_dir / tag
+    if rank == 0:
+        extra_meta = write_extra(partial) if write_extra is not None else {}
+        _write_atomic(partial / META, json.dumps({**meta, **extra_meta, "format": FORMAT, "tag": tag, "step": step}, indent=2))
+        _fsync_dir(partial)
+        if final.exists():  # saving the same step again (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        _fsync_dir(ckpt_dir)
+        _write_atomic(ckpt_dir / LATEST, tag)
+        prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return final
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:
+    """Collective: restore DeepSpeed's state; returns (meta, this rank's state)."""
+    tag_dir = ckpt_dir / tag
+    meta = read_meta(tag_dir)
+    rank_state = read_rank_state(tag_dir, rank)
+    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir}; resume from an earlier one (--resume {tag_dir.parent}/<tag>)")
+    return meta, rank_state
+
+
+# Consolidated fp32 weights for evaluation / export -------------------------------------------------
+
+def load_model_state(run_dir_or_checkpoint: str | Path, tag: str | None = None):
+    """(fp32 state_dict keyed like build_model's module, Config, meta) from any ZeRO stage or pipeline run.
+
+    ZeRO 1-3: DeepSpeed's get_fp32_state_dict_from_zero_checkpoint (the fp32 master weights).
+    ZeRO-0: the module file (its fp32 master weights for bf16 runs). Pipeline runs: the per-layer
+    module files, upcast from bf16 for bf16 runs.
+    """
+    from pretrain.config import load_config
+
+    ckpt_dir, tag = resolve(run_dir_or_checkpoint, tag)
+    tag_dir = ckpt_dir / tag
+    meta = read_meta(tag_dir)
+    cfg = load_config(tag_dir / CONFIG)
+    if cfg.train.pipeline_stages > 1:
+        from pretrain.engine.pipeline import load_pipeline_state
+
+        state = load_pipeline_state(tag_dir, cfg.model.n_layers)
+    elif cfg.train.zero_stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        saved = _load_torch(tag_dir / "mp_rank_00_model_states.pt")
+        state = _with_fp32_master_weights(saved, cfg, meta["vocab_size"])
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return state, cfg, meta
+
+
+def _with_fp32_master_weights(saved: dict, cfg, vocab_size: int) -> dict:
+    """ZeRO-0: the module weights, replaced by the fp32 master copies when training kept them (bf16).
+
+    DeepSpeed stores those in optimizer["fp32_groups"], one list per param group in the order of
+    PretrainModel.param_groups; a model on the meta device (no memory) gives the names in that order.
+    """
+    from pretrain.model import build_model
+
+    state = dict(saved["module"])
+    optimizer = saved.get("optimizer")
+    groups = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
+    if not groups:
+        return state
+    layout = cfg.model_copy(deep=True)
+    layout.model.init_embeddings_from_targets = False  # changes values, not the parameter order
+    with torch.device("meta"):
+        table = torch.empty(vocab_size, cfg.targets.dim) if cfg.model.head == "continuous" else None
+        model = build_model(layout, vocab_size, table)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in model.param_groups(0.0, 1.0) for p in group["params"]]
+    masters = [t for group in groups for t in group]
+    if len(order) != len(masters) or any(state[n].shape != t.shape for n, t in zip(order, masters)):
+        raise ValueError("the checkpoint's fp32 master weights do not match this model's parameters; "
+                         "was it written by another version of the code?")
+    state.update(zip(order, masters))
+    return state
+
+
+def _load_torch(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: the checkpoint is incomplete")
+    return torch.load(path, map_location="cpu", weights_only=True)

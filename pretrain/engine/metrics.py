@@ -1,0 +1,111 @@
+"""Per-step metrics: averaged across ranks, written to metrics.jsonl, shown on a progress bar.
+
+One all-reduce per step carries every rank's sums (loss, cosine, prediction norm, batch
+fingerprint) together with the preemption flag, so ranks also agree on when to stop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# Slots of the per-step all-reduce vector.
+FIELDS = ("loss_sum", "loss_n", "cos_sum", "norm_sum", "cont_n", "acc_sum", "acc_n", "fingerprint", "preempt")
+
+
+class StepStats:
+    """This rank's contribution to one optimizer step."""
+
+    def __init__(self) -> None:
+        # Tensors stay on the device until the one all-reduce: no host sync per micro-batch.
+        self.values: dict = dict.fromkeys(FIELDS, 0.0)
+
+    def add_micro(self, result: dict) -> None:
+        """Metrics of one micro-batch (a model/loss result dict of tensors)."""
+        self.values["loss_sum"] = self.values["loss_sum"] + result["loss"].detach().double()
+        self.values["loss_n"] += 1
+        if "mean_cos" in result:
+            self.values["cos_sum"] = self.values["cos_sum"] + result["mean_cos"].double()
+            self.values["norm_sum"] = self.values["norm_sum"] + result["mean_pred_norm"].double()
+            self.values["cont_n"] += 1
+        if "accuracy" in result:
+            self.values["acc_sum"] = self.values["acc_sum"] + result["accuracy"].double()
+            self.values["acc_n"] += 1
+
+    def add_batch(self, input_ids: torch.Tensor) -> None:
+        """A checksum of the samples consumed: resumed and uninterrupted runs must agree on it."""
+        self.values["fingerprint"] += zlib.crc32(input_ids.cpu().numpy().tobytes())
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        vec = torch.stack([torch.as_tensor(self.values[k], dtype=torch.float64).to(device) for k in FIELDS])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(vec)
+        return dict(zip(FIELDS, vec.tolist()))
+
+
+def summarize(totals: dict[str, float]) -> dict[str, float]:
+    """Global means from the all-reduced sums (NaN loss stays NaN: the guard needs to see it)."""
+    out = {"loss": totals["loss_sum"] / max(totals["loss_n"], 1)}
+    if totals["cont_n"]:
+        out["mean_cos"] = totals["cos_sum"] / totals["cont_n"]
+        out["mean_pred_norm"] = totals["norm_sum"] / totals["cont_n"]
+    if totals["acc_n"]:
+        out["accuracy"] = totals["acc_sum"] / totals["acc_n"]
+    out["data_fingerprint"] = int(totals["fingerprint"])
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN/inf; the row's "skipped" says what happened
+    return value
+
+
+class MetricsLog:
+    """metrics.jsonl in the run dir (rank 0 only); on resume, rows after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n")
+
+
+class Throughput:
+    """Tokens/s between two calls (wall clock)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        self.t0, self.tokens = now, 0
+        return rate

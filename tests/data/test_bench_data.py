@@ -1,0 +1,17 @@
+"""`pretrain bench data` runs end to end on a small slice and reports every number it promises."""
+import json
+
+from pretrain.cli import main
+
+
+def test_bench_data_prints_throughput_json(capsys):
+    argv = ["bench", "data", "--mb", "0.3", "--vocab-size", "500", "--batches", "5", "--workers", "0", "1", "--batch-size", "8"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prepare_encode_pack_write"]["tokens_per_s"] > 0 and result["prepare_encode_pack_write"]["mb_per_s"] > 0
+    assert result["sentencepiece_encode"]["threads_1"]["tokens_per_s"] > 0
+    for name in ("workers_0", "workers_1"):
+        row = result["streaming"][name]
+        assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and row["restored_first_batch_s"] > 0
+    assert result["streaming"]["workers_0"]["samples_per_s_ratio_vs_workers_0"] == 1.0
+    assert result["hardware"]["cores"] >= 1

@@ -1,0 +1,151 @@
+"""`pretrain prepare`: layout, content, determinism, tokenizer reuse and bad inputs."""
+import collections
+import json
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+from pretrain.cli import main
+from pretrain.config import load_config
+from pretrain.data.manifest import load_manifest
+from pretrain.data.prepare import prepare_dataset
+from pretrain.data.stream import read_shard
+from pretrain.data.tokenizer import SPECIAL_IDS, file_sha256, load_tokenizer
+
+
+def derived(tiny_data, workdir, *overrides):
+    """tiny_data's config with another workdir (its own data dir) and more overrides."""
+    base = [f"{k}={v}" for k, v in {
+        "data.corpus": f"[{tiny_data.data.corpus[0]}]", "tokenizer.vocab_size": 1000, "data.seq_len": 32,
+        "data.samples_per_shard": 256, "data.valid_fraction": 0.1,
+    }.items()]
+    return load_config(None, [f"workdir={workdir}", *base, *overrides])
+
+
+def split_documents(data_dir, manifest, split, unpack):
+    """The token lists of the documents of a split, in order (packing undone)."""
+    entries = manifest["splits"][split]["shards"]
+    return unpack([seq for e in entries for seq in read_shard(Path(data_dir) / e["name"], e, manifest["seq_len"])])
+
+
+def test_layout_manifest_and_checksums(tiny_data):
+    data_dir = tiny_data.data_dir
+    manifest = load_manifest(data_dir)
+    assert manifest["seq_len"] == 32 and manifest["vocab_size"] == 1000
+    assert manifest["special_ids"] == SPECIAL_IDS == {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4}
+    assert manifest["tokenizer_sha256"] == file_sha256(data_dir / "tokenizer.model")
+    assert (data_dir / "config.resolved.yaml").is_file()
+    sp = load_tokenizer(data_dir / "tokenizer.model")
+    assert sp.id_to_piece(4) == "<mask>" and sp.get_piece_size() == 1000
+    for split in ("train", "valid"):
+        entry = manifest["splits"][split]
+        assert len(entry["shards"]) >= 2
+        assert entry["samples"] == sum(s["samples"] for s in entry["shards"])
+        assert entry["tokens"] == sum(s["tokens"] for s in entry["shards"])
+        assert sorted(p.name for p in (data_dir / split).iterdir()) == [Path(s["name"]).name for s in entry["shards"]]
+        for shard in entry["shards"]:
+            assert shard["sha256"] == file_sha256(data_dir / shard["name"])
+            assert shard["bytes"] == (data_dir / shard["name"]).stat().st_size
+        # every shard but the last is full
+        assert {s["samples"] for s in entry["shards"][:-1]} == {256}
+
+
+def test_shards_hold_the_whole_corpus_split_by_document(tiny_data, unpack):
+    """Decoding the shards gives back every corpus line exactly once, each in one split, in corpus order."""
+    data_dir = tiny_data.data_dir
+    manifest = load_manifest(data_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(data_dir / "tokenizer.model"))
+    lines = [line for line in Path(tiny_data.data.corpus[0]).read_text().split("\n") if line.strip()]
+    decoded = {split: [sp.decode(doc) for doc in split_documents(data_dir, manifest, split, unpack)] for split in ("train", "valid")}
+    assert collections.Counter(decoded["train"] + decoded["valid"]) == collections.Counter(lines)
+    for split, docs in decoded.items():
+        assert manifest["splits"][split]["documents"] == len(docs)
+        it = iter(lines)
+        assert all(doc in it for doc in docs), f"{split} documents are not in corpus order"
+    assert 0.05 < len(decoded["valid"]) / len(lines) < 0.15  # valid_fraction 0.1
+    # tar members carry no time or owner of this machine
+    import tarfile
+
+    with tarfile.open(data_dir / manifest["splits"]["train"]["shards"][0]["name"]) as tar:
+        members = tar.getmembers()
+    assert {(m.mtime, m.uid, m.gid, m.uname) for m in members} == {(0, 0, 0, "pretrain")}
+    assert [m.name for m in members[:4]] == ["0000000000.doc_ids.npy", "0000000000.input_ids.npy", "0000000001.doc_ids.npy", "0000000001.input_ids.npy"]
+
+
+def test_cli_rebuild_is_byte_identical_and_prints_throughput(tiny_data, tmp_path, capsys):
+    overrides = [f"workdir={tmp_path}", f"data.corpus=[{tiny_data.data.corpus[0]}]", "tokenizer.vocab_size=1000",
+                 "data.seq_len=32", "data.samples_per_shard=256", "data.valid_fraction=0.1", "model.max_seq_len=32"]
+    assert main(["prepare", "--no-progress", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "MB/s" in out and "tokens/s" in out and str(tmp_path / "data") in out
+    first, second = tiny_data.data_dir, tmp_path / "data"
+    files = sorted(p.relative_to(first) for p in first.rglob("*.tar")) + [Path("tokenizer.model"), Path("manifest.json")]
+    assert len(files) > 10
+    for rel in files:
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), f"{rel} differs between two identical runs"
+
+
+def test_reused_tokenizer_new_seed_and_stale_shards_removed(tiny_data, tmp_path):
+    reuse = f"tokenizer.model_path={tiny_data.data_dir / 'tokenizer.model'}"
+    small = prepare_dataset(derived(tiny_data, tmp_path, reuse, "data.seed=7", "data.samples_per_shard=64"), progress=False)
+    again = prepare_dataset(derived(tiny_data, tmp_path, reuse, "data.seed=7"), progress=False)
+    original = load_manifest(tiny_data.data_dir)
+    assert again["tokenizer_sha256"] == original["tokenizer_sha256"]
+    assert len(small["splits"]["train"]["shards"]) > len(again["splits"]["train"]["shards"])
+    # the extra shards of the first run are gone; nothing but the manifest's shards remains
+    assert sorted(p.name for p in (tmp_path / "data" / "train").iterdir()) == [Path(s["name"]).name for s in again["splits"]["train"]["shards"]]
+    # another seed draws another train/valid split
+    assert again["splits"]["valid"]["shards"][0]["sha256"] != original["splits"]["valid"]["shards"][0]["sha256"]
+
+
+def test_invalid_utf8_is_counted_in_the_manifest(tiny_data, tmp_path):
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes(b"a fine line of text\nbroken \xc3\x28 here\nanother line\n")
+    reuse = f"tokenizer.model_path={tiny_data.data_dir / 'tokenizer.model'}"
+    manifest = prepare_dataset(derived(tiny_data, tmp_path, reuse, f"data.corpus=[{corpus}]", "data.valid_fraction=0", "data.utf8_errors=skip"), progress=False)
+    assert manifest["corpus"]["utf8_skipped_lines"] == 1 and manifest["corpus"]["documents"] == 2
+    assert manifest["splits"]["valid"]["samples"] == 0 and manifest["splits"]["train"]["samples"] == 1
+
+
+def test_empty_corpus_is_a_clear_error(tiny_data, tmp_path):
+    corpus = tmp_path / "empty.txt"
+    corpus.write_text("\n\n   \n")
+    with pytest.raises(ValueError, match=r"holds no text.*empty\.txt.*data\.corpus"):
+        prepare_dataset(derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]"), progress=False)
+    reuse = f"tokenizer.model_path={tiny_data.data_dir / 'tokenizer.model'}"
+    with pytest.raises(ValueError, match=r"holds no text"):
+        prepare_dataset(derived(tiny_data, tmp_path, reuse, f"data.corpus=[{corpus}]"), progress=False)
+    assert not (tmp_path / "data" / "manifest.json").exists()
+
+
+def test_missing_corpus_via_cli_is_one_clean_line(tmp_path, capsys):
+    assert main(["prepare", f"workdir={tmp_path}", f"data.corpus=[{tmp_path / 'nope.txt'}]"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pretrain prepare: error: corpus entry") and "nope.txt" in err and "Traceback" not in err
+
+
+def test_unusable_tokenizer_files_are_rejected(tiny_data, tmp_path):
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=r"garbage\.model is not a SentencePiece model"):
+        prepare_dataset(derived(tiny_data, tmp_path, f"tokenizer.model_path={garbage}"), progress=False)
+    # a real SentencePiece model with SentencePiece's default ids (unk=0, bos=1, eos=2, no pad)
+    spm.SentencePieceTrainer.train(input=str(tiny_data.data.corpus[0]), model_prefix=str(tmp_path / "default"), vocab_size=300,
+                                   model_type="bpe", minloglevel=2)
+    with pytest.raises(ValueError, match=r"default\.model has special ids .*pad_id=0"):
+        prepare_dataset(derived(tiny_data, tmp_path, f"tokenizer.model_path={tmp_path / 'default.model'}"), progress=False)
+
+
+def test_corpus_too_small_for_the_valid_split(tiny_data, tmp_path):
+    corpus = tmp_path / "two.txt"
+    corpus.write_text("one line\nanother line\n")
+    reuse = f"tokenizer.model_path={tiny_data.data_dir / 'tokenizer.model'}"
+    with pytest.raises(ValueError, match=r"valid split.*valid_fraction"):
+        prepare_dataset(derived(tiny_data, tmp_path, reuse, f"data.corpus=[{corpus}]", "data.valid_fraction=0.01"), progress=False)
+
+
+def test_report_has_throughput(tiny_data):
+    report = json.loads((tiny_data.data_dir / "prepare_report.json").read_text())
+    assert report["encode_tokens_per_s"] > 0 and report["encode_mb_per_s"] > 0
+    assert report["tokens"] == sum(s["tokens"] for s in load_manifest(tiny_data.data_dir)["splits"].values())

@@ -1,0 +1,67 @@
+"""`pretrain train` refuses inconsistent setups with one clear line, before any process starts training."""
+import pytest
+import torch.distributed as dist
+
+from pretrain.cli import main
+from pretrain.config import load_config, save_resolved
+from pretrain.data.manifest import load_manifest, manifest_sha256
+from pretrain.engine.trainer import load_run_inputs
+from pretrain.targets.table import random_unit_table, save_target_table
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_data, tmp_path_factory):
+    """(base config path, good table, table with one row too many) for the tiny dataset."""
+    root = tmp_path_factory.mktemp("train_command")
+    manifest = load_manifest(tiny_data.data_dir)
+    meta = {"tokenizer_sha256": manifest["tokenizer_sha256"], "method": "random", "manifest_sha256": manifest_sha256(tiny_data.data_dir)}
+    good, wrong = root / "good.safetensors", root / "wrong.safetensors"
+    save_target_table(good, random_unit_table(manifest["vocab_size"], 16, seed=0), meta)
+    save_target_table(wrong, random_unit_table(manifest["vocab_size"] + 1, 16, seed=0), meta)
+    return save_resolved(tiny_data, root, name="base.yaml"), good, wrong, root
+
+
+def run_train(capsys, *args):
+    status = main(["train", *args])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("short_model", "hold sequences of 32 tokens but model.max_seq_len=16"),
+    ("wrong_vocab", "has 1001 rows but the tokenizer has 1000 pieces"),
+    ("wrong_dim", "has dim 16 but targets.dim=8"),
+    ("zero3_pipeline", "needs train.zero_stage 0 or 1"),
+    ("missing_table", "not found; build it with `pretrain targets`"),
+])
+def test_config_errors_are_one_line_before_training(setup, capsys, case, expected):
+    base, good, wrong, root = setup
+    common = [str(base), "targets.dim=16", f"targets.path={good}", f"train.run_dir={root / case}"]
+    extra = {
+        "short_model": ["model.max_seq_len=16"],
+        "wrong_vocab": [f"targets.path={wrong}"],
+        "wrong_dim": ["targets.dim=8"],
+        "zero3_pipeline": ["train.zero_stage=3", "train.pipeline_stages=2"],
+        "missing_table": [f"targets.path={root / 'nope.safetensors'}"],
+    }[case]
+    status, err = run_train(capsys, *common, *extra)
+    assert status == 1
+    assert err.startswith("pretrain train: error:") and expected in err and "Traceback" not in err
+    assert not dist.is_initialized()  # nothing was started
+    assert not (root / case).exists()  # and nothing written
+
+
+def test_resume_refuses_another_world_size_and_a_missing_checkpoint(tiny_runs, capsys, tmp_path):
+    run = tiny_runs["zero2"]
+    before = (run.run_dir / "metrics.jsonl").read_text()
+    status, err = run_train(capsys, str(run.run_dir / "config.resolved.yaml"))
+    assert status == 1 and "was written by 2 processes; this job has 1" in err
+    assert (run.run_dir / "metrics.jsonl").read_text() == before
+    status, err = run_train(capsys, str(run.run_dir / "config.resolved.yaml"), f"train.run_dir={tmp_path}", "--resume")
+    assert status == 1 and "--resume: no complete checkpoint" in err
+
+
+def test_softmax_head_needs_no_target_table(setup):
+    base, _, _, root = setup
+    cfg = load_config(base, ["model.head=softmax", f"targets.path={root / 'absent.safetensors'}"])
+    inputs = load_run_inputs(cfg, world_size=1)
+    assert inputs.table is None and inputs.vocab_size == 1000 and "targets_sha256" not in inputs.hashes
