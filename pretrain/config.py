@@ -86,6 +86,10 @@ class TargetsConfig(Section):
     # Trainer threads; 0 -> all CPU cores.
     workers: int = Field(0, ge=0)
     seed: int = 0
+    # Isotropy post-processing of trained/imported rows ("all-but-the-top", pretrain/targets/isotropy.py):
+    # subtract the mean row and project out this many top principal directions; -1 turns it off.
+    # Without it a few hub rows are the nearest neighbour of almost every prediction.
+    remove_top_components: int = Field(2, ge=-1)
     # Learned targets: the table becomes a trainable parameter with an anti-collapse remedy.
     learned: bool = False
     learned_remedy: Literal["none", "contrastive", "ema", "vicreg"] = "contrastive"
@@ -201,6 +205,9 @@ class FinetuneConfig(Section):
     valid_file: str = "data/finetune/valid.jsonl"
     text_field: str = "text"
     label_field: str = "label"
+    # Use only this many training rows (0 = all): the first ones of each label in file order, the
+    # same number per label. Pretraining pays off most when labels are scarce.
+    max_train_examples: int = Field(0, ge=0)
     epochs: int = Field(3, gt=0)
     batch_size: int = Field(32, gt=0)
     # Peak AdamW lr (10% linear warm-up, then linear decay); 1e-3 beat 3e-4 from pretrained and scratch alike.

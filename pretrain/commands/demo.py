@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     for head, run_dir in runs.items():
         report = json.loads((run_dir / "eval" / "report.json").read_text())
         summary["heads"][head] = {**_last_metrics(run_dir), "top1": report.get("top1"), "top5": report.get("top5"), "train_s": round(stage.seconds[f"train {head}"], 1)}
+        summary["majority_top1"] = report.get("majority_top1")
     for which in ("pretrained", "scratch"):
         summary[f"finetune_{which}"] = json.loads((ft_dir / which / "finetune_report.json").read_text())
     _print_summary(summary, cfg)
@@ -104,9 +105,11 @@ def _print_summary(summary: dict, cfg) -> None:
     for name, h in (("continuous", cont), ("softmax", soft)):
         print(f"{name:<12}{h['top1']:>8.3f}{h['top5']:>8.3f}{h['tokens_per_s']:>12.0f}{h['peak_mem_mb']:>10.0f}{h['train_s']:>10.1f}{h['final_loss']:>12.4f}")
     ratio = cont["tokens_per_s"] / max(soft["tokens_per_s"], 1e-9)
-    print(f"continuous / softmax tokens/s: {ratio:.2f}x  (vocab {cfg.tokenizer.vocab_size}, D={cfg.targets.dim})")
+    print(f"continuous / softmax tokens/s: {ratio:.2f}x  (vocab {cfg.tokenizer.vocab_size}, D={cfg.targets.dim}); "
+          f"always-the-most-frequent-piece top-1: {summary.get('majority_top1') or 0:.3f}")
     pre, scr = summary["finetune_pretrained"], summary["finetune_scratch"]
-    print(f"fine-tune accuracy: pretrained {pre['accuracy']:.3f} (macro-F1 {pre['macro_f1']:.3f}) vs scratch {scr['accuracy']:.3f} (macro-F1 {scr['macro_f1']:.3f})")
+    print(f"fine-tune accuracy ({pre['train_rows']} labelled rows): pretrained {pre['accuracy']:.3f} (macro-F1 {pre['macro_f1']:.3f}) "
+          f"vs scratch {scr['accuracy']:.3f} (macro-F1 {scr['macro_f1']:.3f}); majority class {pre['majority_baseline']['accuracy']:.3f}")
     print(f"total {summary['total_s']:.0f} s; stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stages_s"].items()))
-    print(f"MLflow: pretrain ui {Path(cfg.workdir) / 'runs' / 'continuous'}   (or: mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db)")
+    print(f"MLflow: pretrain ui {Path(cfg.workdir) / 'runs'}   (both runs; or: mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db)")
     print("=" * 78)

@@ -101,6 +101,20 @@ def read_labelled(path: str | Path, text_field: str = "text", label_field: str =
     return LabelledTexts(path, texts, labels)
 
 
+def balanced_head(data: LabelledTexts, limit: int) -> LabelledTexts:
+    """At most `limit` rows: the first limit // labels of each label, in file order (0 = all rows)."""
+    if limit <= 0 or limit >= len(data.texts):
+        return data
+    per_label = max(1, limit // len(set(data.labels)))
+    taken: dict[str, int] = {}
+    keep = []
+    for i, label in enumerate(data.labels):
+        if taken.get(label, 0) < per_label:
+            taken[label] = taken.get(label, 0) + 1
+            keep.append(i)
+    return LabelledTexts(data.path, [data.texts[i] for i in keep], [data.labels[i] for i in keep])
+
+
 def label_vocabulary(train: LabelledTexts, *others: LabelledTexts) -> list[str]:
     """Sorted training labels; a label in another split that training never saw is an error."""
     labels = sorted(set(train.labels))

@@ -212,7 +212,11 @@ def load_export(export_dir: str | Path, *, dtype: str = "fp32"):
             raise ExportError(f"{export_dir}: the target table does not belong with this export: {exc}") from None
     elif cfg.model.head == "continuous":
         raise ExportError(f"{export_dir / CONFIG_FILE} lists no {TARGETS_FILE}, which a continuous-head model needs; re-run `pretrain export`")
-    model = build_model(cfg, vocab_size, target_table=table, special_ids=manifest.get("special_ids"))
+    # The saved weights replace every initial value: skip the embedding init from the table (a
+    # softmax export may even ship without one).
+    build_cfg = cfg.model_copy(deep=True)
+    build_cfg.model.init_embeddings_from_targets = False
+    model = build_model(build_cfg, vocab_size, target_table=table, special_ids=manifest.get("special_ids"))
     model.load_state_dict(load_weights(export_dir / WEIGHTS_FILE, model.state_dict()), strict=True)
     return model.to(DTYPES[dtype]).eval(), sp, manifest
 

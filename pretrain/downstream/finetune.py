@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from pretrain.config import Config, ConfigError, config_from_dict, save_resolved
 from pretrain.downstream import export as export_mod
 from pretrain.downstream.card import finetune_card
-from pretrain.downstream.classify import LabelledTexts, SequenceClassifier, encode_texts, label_vocabulary, pad_batch, read_labelled
+from pretrain.downstream.classify import (
+    LabelledTexts, SequenceClassifier, balanced_head, encode_texts, label_vocabulary, pad_batch, read_labelled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class Task:
 
 
 def load_task(ft, sp) -> Task:
-    train = read_labelled(ft.train_file, ft.text_field, ft.label_field, key="finetune.train_file")
+    train = balanced_head(read_labelled(ft.train_file, ft.text_field, ft.label_field, key="finetune.train_file"), ft.max_train_examples)
     valid = read_labelled(ft.valid_file, ft.text_field, ft.label_field, key="finetune.valid_file")
     labels = label_vocabulary(train, valid)
     index = {name: i for i, name in enumerate(labels)}

@@ -13,8 +13,9 @@ import torch
 from pretrain.config import Config, TargetsConfig, save_resolved
 from pretrain.targets import diagnostics as diag
 from pretrain.targets.corpus import piece_tokens, split_documents, write_piece_corpus
-from pretrain.targets.fill import PIECE, fill_missing, piece_kinds
+from pretrain.targets.fill import PIECE, RANDOM, fill_missing, piece_kinds
 from pretrain.targets.imported import coverage, import_vectors
+from pretrain.targets.isotropy import all_but_the_top
 from pretrain.targets.table import normalize_rows, random_unit_table, save_target_table
 from pretrain.targets.trained import train_piece_vectors
 
@@ -51,7 +52,12 @@ def make_table(
         parts["import"] = {**imported.stats, "file": str(tcfg.import_path), **coverage(imported.sources, counts)}
     filled = fill_missing(vectors, sources, pieces, kinds, seed=tcfg.seed, composer=composer)
     parts["fill"] = filled.counts
-    return normalize_rows(filled.table), parts
+    if tcfg.method == "random" or tcfg.remove_top_components < 0:
+        return normalize_rows(filled.table), parts
+    # The fixed random fallback rows are isotropic already: only rows with real vectors are centred.
+    real_rows = torch.tensor([src != RANDOM for src in filled.sources])
+    parts["isotropy"] = {"method": "all-but-the-top", "components_removed": tcfg.remove_top_components, "rows": int(real_rows.sum())}
+    return all_but_the_top(filled.table, tcfg.remove_top_components, real_rows), parts
 
 
 def _check_import_settings(tcfg: TargetsConfig) -> None:

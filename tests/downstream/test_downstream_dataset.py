@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.downstream.classify import SequenceClassifier, label_vocabulary, pad_batch, read_labelled
+from pretrain.downstream.classify import LabelledTexts, SequenceClassifier, balanced_head, label_vocabulary, pad_batch, read_labelled
 from pretrain.downstream.finetune import classification_metrics, majority_baseline
 
 
@@ -125,3 +125,12 @@ def test_majority_baseline_predicts_most_frequent_training_label():
     assert base["label_index"] == 2
     assert base["accuracy"] == pytest.approx(0.25)
     assert base["macro_f1"] == pytest.approx((0 + 0 + 0.4) / 3)
+
+
+def test_balanced_head_takes_the_first_rows_of_each_label(tmp_path):
+    labels = ["a", "a", "b", "a", "c", "b", "c", "a", "b", "c"]
+    data = LabelledTexts(tmp_path / "x.jsonl", [f"t{i}" for i in range(len(labels))], labels)
+    head = balanced_head(data, 6)
+    assert head.labels == ["a", "a", "b", "c", "b", "c"]
+    assert head.texts == ["t0", "t1", "t2", "t4", "t5", "t6"]
+    assert balanced_head(data, 0) is data and balanced_head(data, 99) is data

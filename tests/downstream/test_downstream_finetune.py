@@ -23,7 +23,7 @@ def tiny_export(tiny_runs, tmp_path_factory):
 def finetuned(tiny_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "pretrained"
     # the tiny encoder has max_seq_len 32; MLflow goes to a SQLite store inside `out`
-    cfg = load_config(None, ["finetune.max_len=32", "finetune.epochs=2"])
+    cfg = load_config(None, ["finetune.max_len=32", "finetune.epochs=2", "finetune.max_train_examples=0"])
     return finetune(cfg, tiny_export, out), out
 
 

@@ -62,6 +62,6 @@ def test_resume_refuses_another_world_size_and_a_missing_checkpoint(tiny_runs, c
 
 def test_softmax_head_needs_no_target_table(setup):
     base, _, _, root = setup
-    cfg = load_config(base, ["model.head=softmax", f"targets.path={root / 'absent.safetensors'}"])
+    cfg = load_config(base, ["model.head=softmax", "model.init_embeddings_from_targets=false", f"targets.path={root / 'absent.safetensors'}"])
     inputs = load_run_inputs(cfg, world_size=1)
     assert inputs.table is None and inputs.vocab_size == 1000 and "targets_sha256" not in inputs.hashes

@@ -93,7 +93,7 @@ def test_cli_imports_word2vec_with_coverage(tiny_data, tmp_path, capsys):
     config = save_resolved(tiny_data, tmp_path, name="cfg.yaml")
     out = tmp_path / "imp" / "targets.safetensors"
     rc = main(["targets", str(config), f"targets.path={out}", "targets.method=imported", f"targets.import_path={tmp_path / 'w.bin'}",
-               "targets.import_binary=true", "targets.dim=8", "--no-progress"])
+               "targets.import_binary=true", "targets.dim=8", "targets.remove_top_components=-1", "--no-progress"])
     assert rc == 0 and "50/1000 ids covered" in capsys.readouterr().out
     table, meta = load_target_table(out, tokenizer_sha256=manifest["tokenizer_sha256"])
     assert meta["method"] == "imported" and table.shape == (1000, 8)
