@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hnsw-ef-search", type=int, default=128, help="HNSW search beam")
     parser.add_argument("--plot", default="bench/decode.png", help="PNG of vectors/s per method ('' to skip)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random table and queries")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch and FAISS alike (0: their defaults); 1 avoids thread-barrier stalls on a busy machine")
 
 
 def _best_seconds(fn, repeats: int, cuda: bool = False) -> float:
@@ -130,6 +132,9 @@ def _plot(results: list[dict], path: str) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     logging.getLogger("pretrain.evaluation.decoder").setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
     results = [_bench_one_size(v, args) for v in args.vocab_sizes]
     out = {
         "suite": "decode",

@@ -20,7 +20,8 @@ from pretrain.model import batch_generator, build_model
 
 HELP = "training tokens/s: continuous vs softmax head on the same encoder, at several vocabulary sizes"
 DESCRIPTION = __doc__
-HEADS = {"continuous": ["model.head=continuous"], "continuous_fused": ["model.head=continuous", "loss.fused_head=true"],
+# fused_head is set both ways: a config may turn it on (configs/base.yaml does).
+HEADS = {"continuous": ["model.head=continuous", "loss.fused_head=false"], "continuous_fused": ["model.head=continuous", "loss.fused_head=true"],
          "softmax": ["model.head=softmax"]}
 
 
@@ -35,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--heads", default=",".join(HEADS), help=f"which of {','.join(HEADS)}")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (0: torch's default); 1 avoids thread-barrier stalls on a busy machine")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.d_model=256")
 
 
@@ -46,7 +49,9 @@ def _sync(device: torch.device) -> None:
 def time_head(cfg, vocab_size: int, device: torch.device, batch_size: int, seq_len: int, steps: int, warmup: int) -> dict:
     """Tokens/s and peak memory of full training steps of one model."""
     torch.manual_seed(0)
-    table = F.normalize(torch.randn(vocab_size, cfg.targets.dim), dim=1) if cfg.model.head == "continuous" else None
+    # The same rule as the trainer: the softmax head needs the table too when embeddings start from it.
+    needs_table = cfg.model.head == "continuous" or cfg.model.init_embeddings_from_targets
+    table = F.normalize(torch.randn(vocab_size, cfg.targets.dim), dim=1) if needs_table else None
     model = build_model(cfg, vocab_size, table).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -80,6 +85,8 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise ValueError(f"--heads: unknown {unknown}; choose from {list(HEADS)}")
     vocab_sizes = [int(v) for v in args.vocab_sizes.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = load_config(args.config, [*args.overrides, f"model.objective={args.objective}"])
     seq_len = args.seq_len or base.model.max_seq_len
     results = []
@@ -102,5 +109,6 @@ def run(args: argparse.Namespace) -> dict:
         "target_dim": base.targets.dim,
         "batch_size": args.batch_size,
         "seq_len": seq_len,
+        "cpu_threads": torch.get_num_threads(),
         "results": results,
     }
