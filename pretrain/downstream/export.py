@@ -17,10 +17,14 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
+
+if TYPE_CHECKING:
+    from pretrain.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -269,31 +273,59 @@ def _run_table(cfg, meta: dict, run_dir: Path, tokenizer_sha: str, vocab_size: i
     return path
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32", tag: str | None = None) -> Path:
-    """Checkpoint of a run (any ZeRO stage or pipeline layout) -> self-contained export directory."""
+@dataclass
+class RunModel:
+    """A run's checkpoint as a plain fp32 model, with the tokenizer and table it trained with (hash-checked)."""
+
+    model: torch.nn.Module
+    cfg: Config
+    meta: dict
+    tokenizer: Any  # sentencepiece.SentencePieceProcessor
+    tokenizer_path: Path
+    tokenizer_sha256: str
+    targets_path: Path | None
+    data_manifest: dict
+
+
+def load_run_model(run_dir: str | Path, *, tag: str | None = None) -> RunModel:
+    """Checkpoint of a run (any ZeRO stage or pipeline layout) -> the model of build_model, weights loaded.
+
+    Shared by export and eval: the tokenizer and target table must be the files the run trained with.
+    """
     from pretrain.data.manifest import load_manifest
     from pretrain.data.tokenizer import load_tokenizer
-    from pretrain.downstream.card import export_card
     from pretrain.engine.checkpoint import load_model_state
     from pretrain.model import build_model
     from pretrain.targets.table import load_target_table
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run_dir = Path(run_dir)
     state_dict, cfg, meta = load_model_state(run_dir, tag=tag)
     data_manifest = load_manifest(cfg.data_dir)
     tokenizer_path = cfg.data_dir / data_manifest.get("tokenizer_file", "tokenizer.model")
     tokenizer_sha = _sha256(tokenizer_path)
     if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tokenizer_sha:
         raise ValueError(f"{tokenizer_path} changed since run {run_dir} was trained (sha256 differs from the checkpoint's meta.json); "
-                         "export needs the tokenizer the run used")
-    vocab_size = load_tokenizer(tokenizer_path).get_piece_size()
+                         "use the tokenizer the run was trained with")
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab_size = tokenizer.get_piece_size()
     targets_path = _run_table(cfg, meta, run_dir, tokenizer_sha, vocab_size)
     table = load_target_table(targets_path)[0] if targets_path else None
-    # Fail before writing anything if the consolidated weights do not fit the architecture.
+    # Fails before anything is written if the consolidated weights do not fit the architecture.
     model = build_model(cfg, vocab_size, target_table=table, special_ids=data_manifest.get("special_ids"))
     model.load_state_dict(match_state(state_dict, model.state_dict(), f"checkpoint of {run_dir}"), strict=True)
+    return RunModel(model.float().eval(), cfg, meta, tokenizer, tokenizer_path, tokenizer_sha, targets_path, data_manifest)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32", tag: str | None = None) -> Path:
+    """Checkpoint of a run (any ZeRO stage or pipeline layout) -> self-contained export directory."""
+    from pretrain.downstream.card import export_card
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run = load_run_model(run_dir, tag=tag)
+    model, cfg, meta, targets_path, data_manifest = run.model, run.cfg, run.meta, run.targets_path, run.data_manifest
+    vocab_size = run.tokenizer.get_piece_size()
     source = {
         "run_dir": str(run_dir),
         "tag": meta.get("tag", tag),
@@ -310,7 +342,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
         data=_data_summary(data_manifest), eval_report=eval_report,
     )
     write_export(out_dir, state_dict=model.state_dict(), config=cfg.to_dict(), vocab_size=vocab_size,
-                 tokenizer_path=tokenizer_path, targets_path=targets_path, dtype=dtype, card=card,
+                 tokenizer_path=run.tokenizer_path, targets_path=targets_path, dtype=dtype, card=card,
                  extra={"special_ids": model.objective.special_ids, "source": source, "eval": eval_report or {}})
     log.info("exported %s (step %s) to %s", run_dir, source["step"], out_dir)
     return out_dir

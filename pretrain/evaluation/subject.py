@@ -39,32 +39,13 @@ def _check_data_matches(data_dir: Path, tokenizer_sha256: str, what: str) -> dic
 
 def from_run(run_dir: str | Path, *, tag: Optional[str] = None, data_dir: Optional[str | Path] = None) -> EvalSubject:
     """A checkpoint of a training run (any ZeRO stage or pipeline layout), consolidated to fp32."""
-    from pretrain.data.tokenizer import file_sha256, load_tokenizer
-    from pretrain.downstream.export import match_state
-    from pretrain.engine.checkpoint import load_model_state
-    from pretrain.model import build_model
-    from pretrain.targets.table import load_target_table
+    from pretrain.downstream.export import load_run_model
 
-    run_dir = Path(run_dir)
-    state_dict, cfg, meta = load_model_state(run_dir, tag=tag)
-    tokenizer_path = cfg.data_dir / "tokenizer.model"
-    tokenizer = load_tokenizer(tokenizer_path)
-    tokenizer_sha = file_sha256(tokenizer_path)
-    if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tokenizer_sha:
-        raise ValueError(f"{tokenizer_path} changed since run {run_dir} was trained (sha256 differs from its checkpoint meta.json): evaluate with the tokenizer the run used")
-    data_dir = Path(data_dir) if data_dir else cfg.data_dir
-    _check_data_matches(data_dir, tokenizer_sha, f"run {run_dir}")
-    vocab_size = tokenizer.get_piece_size()
-    table = None
-    if cfg.model.head == "continuous" or cfg.model.init_embeddings_from_targets:
-        targets_path = Path(meta.get("targets_path") or cfg.targets_path)
-        table, _ = load_target_table(targets_path, tokenizer_sha256=tokenizer_sha, vocab_size=vocab_size)
-        if meta.get("targets_sha256") and meta["targets_sha256"] != file_sha256(targets_path):
-            raise ValueError(f"{targets_path} changed since run {run_dir} was trained (sha256 differs from its checkpoint meta.json): evaluate with the table the run used")
-    model = build_model(cfg, vocab_size, target_table=table)
-    model.load_state_dict(match_state(state_dict, model.state_dict(), f"checkpoint of {run_dir}"), strict=True)
-    source = {"run_dir": str(run_dir), "tag": meta.get("tag", tag), "step": meta.get("step")}
-    return EvalSubject(model.float().eval(), cfg, tokenizer, data_dir, source)
+    run = load_run_model(run_dir, tag=tag)
+    data_dir = Path(data_dir) if data_dir else run.cfg.data_dir
+    _check_data_matches(data_dir, run.tokenizer_sha256, f"run {run_dir}")
+    source = {"run_dir": str(run_dir), "tag": run.meta.get("tag", tag), "step": run.meta.get("step")}
+    return EvalSubject(run.model, run.cfg, run.tokenizer, data_dir, source)
 
 
 def from_export(export_dir: str | Path, *, data_dir: str | Path) -> EvalSubject:
