@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -56,6 +57,31 @@ def _last_metrics(run_dir: Path) -> dict:
     }
 
 
+def collect_summary(runs: dict[str, Path], finetune_dir: Path, stage_seconds: dict[str, float], total_s: float) -> dict:
+    """Accuracy, throughput, memory and time of both heads, and the two fine-tuning reports."""
+    summary = {"stages_s": {k: round(v, 1) for k, v in stage_seconds.items()}, "total_s": round(total_s, 1), "heads": {},
+               "run_dirs": {head: str(run_dir) for head, run_dir in runs.items()}}
+    for head, run_dir in runs.items():
+        report = json.loads((run_dir / "eval" / "report.json").read_text())
+        summary["heads"][head] = {**_last_metrics(run_dir), "top1": report.get("top1"), "top5": report.get("top5"),
+                                  "train_s": round(stage_seconds[f"train {head}"], 1)}
+        summary["majority_top1"] = report.get("majority_top1")
+    cont, soft = summary["heads"]["continuous"], summary["heads"]["softmax"]
+    summary["tokens_per_s_ratio"] = cont["tokens_per_s"] / max(soft["tokens_per_s"], 1e-9)
+    for which in ("pretrained", "scratch"):
+        summary[f"finetune_{which}"] = json.loads((finetune_dir / which / "finetune_report.json").read_text())
+    return summary
+
+
+def _fresh_outputs(workdir: Path, run_dirs: list[Path]) -> None:
+    """A rerun starts clean: the training runs would otherwise resume, against a rebuilt target table."""
+    stale = [p for p in (*run_dirs, workdir / "export", workdir / "finetune") if p.exists()]
+    for path in stale:
+        shutil.rmtree(path)
+    if stale:
+        print(f"demo: removed the previous demo's outputs: {', '.join(map(str, stale))}", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     overrides = [a for a in (args.config_and_overrides or []) if "=" in a]
@@ -68,12 +94,14 @@ def run(args: argparse.Namespace) -> int:
     stage = _Stages()
     t_start = time.perf_counter()
 
+    run_root = Path(cfg.train.run_dir) if cfg.train.run_dir else Path(cfg.workdir) / "runs"
+    runs = {head: run_root / head for head in ("continuous", "softmax")}
+    _fresh_outputs(Path(cfg.workdir), list(runs.values()))
+
     stage("prepare", me + ["prepare", *base, *overrides])
     stage("targets", me + ["targets", *base, *overrides])
-    runs = {}
     for head in ("continuous", "softmax"):
         head_overrides = overrides + [f"model.head={head}", f"train.run_name={head}"]
-        runs[head] = Path(cfg.workdir) / "runs" / head if not cfg.train.run_dir else Path(cfg.train.run_dir) / head
         if cfg.train.run_dir:
             head_overrides.append(f"train.run_dir={runs[head]}")
         stage(f"train {head}", (launch if args.nproc > 1 else me) + ["train", *base, *head_overrides])
@@ -84,13 +112,7 @@ def run(args: argparse.Namespace) -> int:
     stage("finetune pretrained", me + ["finetune", *base, *overrides, "--init", str(export_dir), "--out", str(ft_dir / "pretrained")])
     stage("finetune scratch", me + ["finetune", *base, *overrides, "--from-scratch", "--init", str(export_dir), "--out", str(ft_dir / "scratch")])
 
-    summary = {"stages_s": {k: round(v, 1) for k, v in stage.seconds.items()}, "total_s": round(time.perf_counter() - t_start, 1), "heads": {}}
-    for head, run_dir in runs.items():
-        report = json.loads((run_dir / "eval" / "report.json").read_text())
-        summary["heads"][head] = {**_last_metrics(run_dir), "top1": report.get("top1"), "top5": report.get("top5"), "train_s": round(stage.seconds[f"train {head}"], 1)}
-        summary["majority_top1"] = report.get("majority_top1")
-    for which in ("pretrained", "scratch"):
-        summary[f"finetune_{which}"] = json.loads((ft_dir / which / "finetune_report.json").read_text())
+    summary = collect_summary(runs, ft_dir, stage.seconds, time.perf_counter() - t_start)
     _print_summary(summary, cfg)
     out = Path(cfg.workdir) / "demo_summary.json"
     out.write_text(json.dumps(summary, indent=2))
@@ -104,12 +126,13 @@ def _print_summary(summary: dict, cfg) -> None:
     print(f"{'head':<12}{'top-1':>8}{'top-5':>8}{'tokens/s':>12}{'peak MB':>10}{'train s':>10}{'final loss':>12}")
     for name, h in (("continuous", cont), ("softmax", soft)):
         print(f"{name:<12}{h['top1']:>8.3f}{h['top5']:>8.3f}{h['tokens_per_s']:>12.0f}{h['peak_mem_mb']:>10.0f}{h['train_s']:>10.1f}{h['final_loss']:>12.4f}")
-    ratio = cont["tokens_per_s"] / max(soft["tokens_per_s"], 1e-9)
+    ratio = summary["tokens_per_s_ratio"]
     print(f"continuous / softmax tokens/s: {ratio:.2f}x  (vocab {cfg.tokenizer.vocab_size}, D={cfg.targets.dim}); "
           f"always-the-most-frequent-piece top-1: {summary.get('majority_top1') or 0:.3f}")
     pre, scr = summary["finetune_pretrained"], summary["finetune_scratch"]
     print(f"fine-tune accuracy ({pre['train_rows']} labelled rows): pretrained {pre['accuracy']:.3f} (macro-F1 {pre['macro_f1']:.3f}) "
           f"vs scratch {scr['accuracy']:.3f} (macro-F1 {scr['macro_f1']:.3f}); majority class {pre['majority_baseline']['accuracy']:.3f}")
     print(f"total {summary['total_s']:.0f} s; stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stages_s"].items()))
-    print(f"MLflow: pretrain ui {Path(cfg.workdir) / 'runs'}   (both runs; or: mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db)")
+    runs_root = os.path.commonpath(list(summary["run_dirs"].values()))
+    print(f"MLflow: pretrain ui {runs_root}   (both runs; or: mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db)")
     print("=" * 78)

@@ -404,7 +404,7 @@ class Trainer:
             throughput.add(self.tokens_per_step)
             step_tps = self.tokens_per_step / max(time.perf_counter() - t_step, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{step_tps:,.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{step_tps:,.0f}", refresh=False)
             if bad:
                 log.warning("step %d: loss %s, gradients not finite: update skipped (%d in a row, %d in total)",
                             step, row["loss"], self.guard.in_row, self.guard.total)

@@ -152,7 +152,7 @@ def evaluate(
             for row in range(min(num_examples - len(examples), input_ids.shape[0])):
                 examples.append((input_ids[row].cpu(), labels[row].cpu(), predicted[row]))
         if progress and sums["tokens"]:
-            bar.set_postfix(top1=f"{sums['top1'] / sums['tokens']:.3f}")
+            bar.set_postfix(top1=f"{sums['top1'] / sums['tokens']:.3f}", refresh=False)
 
     if recall_pool:
         pool = torch.cat(recall_pool)[:recall_queries]
