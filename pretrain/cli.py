@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     # parse_known_args: the `deepspeed` launcher appends --local_rank=N to every process.
     args, unknown = parser.parse_known_args(argv)
     unknown = [u for u in unknown if not u.startswith("--local_rank")]
+    # KEY=VALUE overrides may also follow the options (`pretrain eval --run-dir R eval.topk=10`).
+    if hasattr(args, "config_and_overrides"):
+        late = [u for u in unknown if "=" in u and not u.startswith("-")]
+        args.config_and_overrides = list(args.config_and_overrides or []) + late
+        unknown = [u for u in unknown if u not in late]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(

@@ -200,7 +200,8 @@ class TrackingConfig(Section):
 
 
 class FinetuneConfig(Section):
-    # Labelled CSV/TSV (header row) or JSONL files; relative paths are read from the current directory.
+    # Labelled CSV/TSV (header row) or JSONL files; a relative path not found from the current
+    # directory is read from the repository (the shipped data/finetune files work from anywhere).
     train_file: str = "data/finetune/train.jsonl"
     valid_file: str = "data/finetune/valid.jsonl"
     text_field: str = "text"
@@ -364,6 +365,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     return config_from_dict(raw, source=f"{path}" + (f" with overrides {overrides}" if overrides else ""))
+
+
+def resolve_shipped_path(path: str | Path) -> Path:
+    """A relative path from the current directory, else from the repository (the shipped data/ files)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
 
 
 def save_resolved(cfg: Config, directory: str | Path, name: str = "config.resolved.yaml") -> Path:

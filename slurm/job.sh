@@ -12,7 +12,8 @@
 #   requeued job resumes there); RUN_DIR overrides it.
 # - Preemption: SLURM sends the warning signal (sbatch --signal=B:USR1@SECONDS) to this shell; it is
 #   forwarded to the tasks, the trainer checkpoints and exits 99 (pretrain.engine.signals.EXIT_PREEMPTED),
-#   and the job requeues itself (`scontrol requeue`) to resume from that checkpoint.
+#   and the job requeues itself (`scontrol requeue`) to resume from that checkpoint. A cancel
+#   (SIGTERM to this shell and the tasks) also checkpoints, but is never requeued.
 #
 # Environment: PYTHON (default: python, i.e. the virtualenv active at sbatch time), RUN_ROOT
 # (default runs/slurm), RUN_DIR, MASTER_PORT, MAX_REQUEUES (default 20), PRETRAIN_REPO (default:
@@ -44,6 +45,7 @@ say "command: ${cmd[*]}"
 
 # The warning signal reaches this shell only (B: in --signal); srun forwards it to the tasks.
 warned=0
+terminated=0
 srun_pid=""
 on_warning() {
     warned=1
@@ -51,8 +53,9 @@ on_warning() {
     [ -n "$srun_pid" ] && kill -s "$1" "$srun_pid" 2>/dev/null
 }
 trap 'on_warning USR1' USR1
-# A cancel or time limit signals the tasks directly; just wait for them to checkpoint.
-trap 'say "got SIGTERM: waiting for the tasks"' TERM
+# scancel (or the time limit itself) signals the tasks directly: wait for them to checkpoint, and
+# do not requeue: a cancelled job must stay cancelled.
+trap 'terminated=1; say "got SIGTERM: waiting for the tasks"' TERM
 
 srun --export=ALL "$REPO/slurm/task.sh" "${cmd[@]}" &
 srun_pid=$!
@@ -65,7 +68,9 @@ while :; do
 done
 say "tasks exited with status $rc"
 
-if [ "$rc" -eq "$EXIT_PREEMPTED" ] || { [ "$warned" -eq 1 ] && [ "$rc" -ne 0 ]; }; then
+if [ "$terminated" -eq 1 ]; then
+    say "cancelled (SIGTERM): not requeueing; to resume from its last checkpoint, submit again with RUN_DIR=${RUN_DIR:-<its run dir>}"
+elif [ "$rc" -eq "$EXIT_PREEMPTED" ] || { [ "$warned" -eq 1 ] && [ "$rc" -ne 0 ]; }; then
     if [ "${SLURM_RESTART_COUNT:-0}" -ge "${MAX_REQUEUES:-20}" ]; then
         say "not requeueing: already restarted ${SLURM_RESTART_COUNT} times (MAX_REQUEUES)"
         exit "$rc"

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -72,3 +74,33 @@ def test_cli_help_lists_stages(capsys):
     out = capsys.readouterr().out
     for name, _ in build_parser()._subparsers._group_actions[0].choices.items():
         assert name in out
+
+
+def test_overrides_may_follow_the_options(monkeypatch, repo_root):
+    seen = {}
+
+    def fake_run(args):
+        from pretrain.commands._common import config_from_args
+
+        seen["cfg"], seen["run_dir"] = config_from_args(args), args.run_dir
+        return 0
+
+    parser_args = ["eval", str(repo_root / "configs" / "tiny.yaml"), "--run-dir", "R", "eval.topk=7", "train.lr=3e-4"]
+    import pretrain.commands.eval as eval_cmd
+
+    monkeypatch.setattr(eval_cmd, "run", fake_run)
+    assert main(parser_args) == 0
+    assert seen["cfg"].eval.topk == 7 and seen["cfg"].train.lr == pytest.approx(3e-4) and seen["run_dir"] == "R"
+    with pytest.raises(SystemExit):
+        main(["eval", "--run-dir", "R", "--no-such-flag"])
+
+
+def test_shipped_paths_resolve_from_anywhere(tmp_path, monkeypatch, repo_root):
+    from pretrain.config import resolve_shipped_path
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_shipped_path("data/finetune/train.jsonl") == repo_root / "data/finetune/train.jsonl"
+    (tmp_path / "data" / "finetune").mkdir(parents=True)
+    (tmp_path / "data" / "finetune" / "train.jsonl").write_text("{}\n")
+    assert resolve_shipped_path("data/finetune/train.jsonl") == Path("data/finetune/train.jsonl")  # the local file wins
+    assert resolve_shipped_path("nowhere.jsonl") == Path("nowhere.jsonl")  # the error will name it as given

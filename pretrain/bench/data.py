@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _corpus_slice(source: Path, n_bytes: int, out: Path) -> None:
-    opener = gzip.open if source.read_bytes()[:2] == b"\x1f\x8b" else open
+    with open(source, "rb") as probe:
+        opener = gzip.open if probe.read(2) == b"\x1f\x8b" else open
     with opener(source, "rt", encoding="utf-8", errors="replace") as f:
         text = f.read(n_bytes)
     out.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
@@ -60,7 +61,11 @@ def run(args: argparse.Namespace) -> dict:
     from pretrain.data.stream import build_loader, iter_samples
     from pretrain.data.tokenizer import encode_batch, load_tokenizer
 
+    if args.mb <= 0 or args.batches < 1 or args.batch_size < 1 or not args.workers or min(args.workers) < 0:
+        raise ValueError("--mb must be positive, --batches and --batch-size at least 1, --workers counts of 0 or more")
     source = Path(args.corpus) if args.corpus else REPO_ROOT / "data" / "corpus" / "wordnet_glosses.txt.gz"
+    if not source.is_file():
+        raise FileNotFoundError(f"--corpus {source} not found: give a text file (gzip or not)")
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         tmp = Path(tmp)
         corpus = tmp / "corpus.txt"

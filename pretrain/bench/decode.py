@@ -15,6 +15,7 @@ from pathlib import Path
 import faiss
 import torch
 
+from pretrain.bench._timing import best_seconds
 from pretrain.evaluation.decoder import IndexParams, NearestNeighbourDecoder, gpu_faiss_available, recall_at_k, torch_topk
 
 HELP = "decoding throughput: FAISS (CPU/GPU/sharded) vs torch matmul+topk, V in 32k..256k"
@@ -40,20 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch and FAISS alike (0: their defaults); 1 avoids thread-barrier stalls on a busy machine")
 
 
-def _best_seconds(fn, repeats: int, cuda: bool = False) -> float:
-    fn()  # warm-up: BLAS threads, CUDA context, caches
-    best = float("inf")
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _bench_one_size(vocab_size: int, args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     table = torch.nn.functional.normalize(torch.randn(vocab_size, args.dim, generator=g), dim=-1)
@@ -63,7 +50,7 @@ def _bench_one_size(vocab_size: int, args: argparse.Namespace) -> dict:
     methods: dict[str, dict] = {}
 
     def measure(name: str, search, cuda: bool = False, build_s: float | None = None) -> torch.Tensor:
-        seconds = _best_seconds(search, args.repeats, cuda)
+        seconds = best_seconds(search, args.repeats, torch.device("cuda" if cuda else "cpu"))
         ids = search()
         methods[name] = {"vectors_per_s": round(args.queries / seconds, 1), "seconds": round(seconds, 4)}
         if build_s is not None:
@@ -131,6 +118,10 @@ def _plot(results: list[dict], path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.k < 1 or args.queries < 1 or args.dim < 1 or args.repeats < 1:
+        raise ValueError("--k, --queries, --dim and --repeats must be at least 1")
+    if min(args.vocab_sizes) < args.k:
+        raise ValueError(f"--vocab-sizes {min(args.vocab_sizes)} is smaller than --k {args.k}: top-k needs at least k rows")
     logging.getLogger("pretrain.evaluation.decoder").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from pretrain.bench._timing import best_seconds
 from pretrain_kernels import LOSS_NAMES, continuous_loss, fused_linear_continuous_loss
 
 HELP = "loss heads: continuous losses vs softmax cross-entropy, V in 32k..256k (time, peak memory, ratios)"
@@ -51,23 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # Measuring ---------------------------------------------------------------------------------------
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_seconds(step, repeats: int, device: torch.device) -> float:
-    step()  # warm-up: kernel compilation, allocator, BLAS threads
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
 
 def peak_bytes(step, device: torch.device) -> int | None:
     """Bytes a step allocates at its peak beyond what exists before it (None if it cannot be measured)."""
@@ -187,6 +170,8 @@ def _ratios(rows: dict) -> dict:
 # CUDA only: the kernels against their references ------------------------------------------------
 
 def peak_bandwidth_bytes_per_s(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
     props = torch.cuda.get_device_properties(device)
     clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
     if not clock_khz or not bus_bits:

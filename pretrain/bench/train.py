@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pretrain.bench._timing import sync
 from pretrain.config import load_config
 from pretrain.model import batch_generator, build_model
 
@@ -41,11 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.d_model=256")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_head(cfg, vocab_size: int, device: torch.device, batch_size: int, seq_len: int, steps: int, warmup: int) -> dict:
     """Tokens/s and peak memory of full training steps of one model."""
     torch.manual_seed(0)
@@ -62,13 +58,13 @@ def time_head(cfg, vocab_size: int, device: torch.device, batch_size: int, seq_l
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(warmup + steps):
         if step == warmup:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
         loss = model(batch)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    _sync(device)
+    sync(device)
     seconds = (time.perf_counter() - start) / steps
     head_params = sum(p.numel() for p in model.head.parameters())
     out = {"tokens_per_s": round(batch_size * seq_len / seconds, 1), "step_ms": round(seconds * 1e3, 2), "head_params": head_params}
@@ -84,7 +80,10 @@ def run(args: argparse.Namespace) -> dict:
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise ValueError(f"--heads: unknown {unknown}; choose from {list(HEADS)}")
-    vocab_sizes = [int(v) for v in args.vocab_sizes.split(",")]
+    try:
+        vocab_sizes = [int(v) for v in args.vocab_sizes.split(",")]
+    except ValueError:
+        raise ValueError(f"--vocab-sizes {args.vocab_sizes!r}: give comma-separated integers, e.g. 4000,16000,64000") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_config(args.config, [*args.overrides, f"model.objective={args.objective}"])

@@ -5,7 +5,8 @@ Continuous head: predicted vectors decoded by nearest-neighbour search over the 
 logits. Both heads are scored on the same masked positions (eval.seed), so their numbers compare.
 Writes RUN_DIR/eval/report.json (top1, top5, loss, mean_cosine or perplexity, decode vectors/s),
 eval/samples.txt (input, targets and predictions side by side) and, with tracking on, MLflow metrics
-eval/* and the report as an artifact. Several processes (torchrun) split the shards; rank 0 writes.
+eval/* and the report as an artifact, added to the training run's MLflow run (on its server, if it was
+tracked on one). Several processes (torchrun) split the shards; rank 0 writes.
 
 Examples (overrides come before the options):
   pretrain eval configs/tiny.yaml train.run_name=continuous
@@ -52,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     if env.world_size > 1:
         init_distributed(env)
     device = device_for(env)
+    if args.export and args.tag:
+        raise ValueError(f"--tag picks a checkpoint of a training run; the export {args.export} holds one model: "
+                         "drop --tag, or evaluate the run with --run-dir RUN_DIR --tag TAG")
     if args.export:
         subject = subjects.from_export(args.export, data_dir=args.data_dir or cli_cfg.data_dir)
         out = Path(args.out) if args.out else Path(args.export) / "eval" / "report.json"
@@ -113,13 +117,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _track(subject, cli_cfg, report: dict, out: Path) -> None:
     """Metrics eval/* at the checkpoint's step, into the run's MLflow run (or one beside the report)."""
-    from pretrain.tracking import start_tracking
+    from pretrain.tracking.tracker import is_remote, read_run_record, start_tracking
 
     if not cli_cfg.tracking.enabled:
         return
-    # The run's own config keeps its MLflow params unchanged; tracking settings come from the command line.
-    cfg = subject.cfg.model_copy(update={"tracking": cli_cfg.tracking})
+    tracking = cli_cfg.tracking
     tracking_dir = Path(subject.source["run_dir"]) if "run_dir" in subject.source else out.parent
+    recorded_uri = (read_run_record(tracking_dir) or {}).get("tracking_uri") or ""
+    if not tracking.tracking_uri and is_remote(recorded_uri):
+        # The run was tracked on a server: add to that MLflow run, not to a new local store.
+        tracking = tracking.model_copy(update={"tracking_uri": recorded_uri})
+    # The run's own config keeps its MLflow params unchanged; tracking settings come from the command line.
+    cfg = subject.cfg.model_copy(update={"tracking": tracking})
     tracker = start_tracking(cfg, tracking_dir, rank=0)
     try:
         numbers = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

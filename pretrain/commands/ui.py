@@ -44,7 +44,7 @@ def _run_dirs(root: Path, marker: str) -> list[Path]:
 
 
 def _free_port(start: int) -> int:
-    for port in range(start, start + 200):
+    for port in range(start, min(start + 200, 65536)):
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -87,6 +87,8 @@ def _sync(root: Path, tracking_uri: str | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (1-65535)")
     root = Path(args.path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory: pass a run directory (train.run_dir) or the runs folder above it")

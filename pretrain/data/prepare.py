@@ -54,6 +54,11 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> dict:
     tokenizer_path = data_dir / TOKENIZER_FILE
     if cfg.tokenizer.model_path:
         source = Path(cfg.tokenizer.model_path)
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"tokenizer.model_path {source} not found: point it at a SentencePiece .model file, "
+                "or leave it empty to train a tokenizer on the corpus"
+            )
         load_tokenizer(source)  # fails early, naming the file, if it is not a usable model
         if source.resolve() != tokenizer_path.resolve():
             shutil.copyfile(source, tokenizer_path)

@@ -3,8 +3,11 @@
 Who reads what. An epoch permutes the split's shards with a seed shared by every rank
 (``seed``, epoch); rank r takes every world_size-th shard of that order, and its loader worker w
 every num_workers-th of those. Each shard is therefore read by exactly one (rank, worker) per epoch,
-and each sample is seen exactly once per epoch across all ranks. A worker may get no shard at all
-(more workers than shards): it simply yields nothing. Inside a worker, samples pass through a
+and each sample is seen exactly once per epoch across all ranks. How many shards a (rank, worker)
+gets does not depend on the epoch's order, so a worker that gets none (more workers than shards)
+never gets one: it yields nothing and ends, and the other workers go on. A rank that gets none
+(fewer shards than ranks) is an error for an infinite stream (it would wait forever while the
+others train); a finite stream just yields no batch on it. Inside a worker, samples pass through a
 seeded shuffle buffer (``shuffle_buffer`` samples, 0 = off) that is drained at the end of the
 epoch, and are grouped into batches; a worker's batches run on from one epoch into the next, so
 only the very end of a finite stream has a short batch.
@@ -100,8 +103,15 @@ def read_shard(path: str | Path, entry: Optional[dict], seq_len: int) -> list[tu
     return samples
 
 
-def iter_samples(data_dir: str | Path, split: str, *, on_corrupt_shard: str = "error") -> Iterator[np.ndarray]:
-    """Every sample's input_ids (np.int32 [seq_len]) of a split, in shard order, in this process."""
+def iter_samples(
+    data_dir: str | Path, split: str, *, on_corrupt_shard: str = "error", skipped: Optional[list] = None
+) -> Iterator[np.ndarray]:
+    """Every sample's input_ids (np.int32 [seq_len]) of a split, in shard order, in this process.
+
+    With on_corrupt_shard="skip", each skipped shard is logged and, if ``skipped`` is a list, appended
+    to it as {"shard", "samples", "error"} (the loader's ``skipped`` entries without the epoch)."""
+    if on_corrupt_shard not in CORRUPT_POLICIES:
+        raise ValueError(f"on_corrupt_shard must be one of {CORRUPT_POLICIES}, got {on_corrupt_shard!r}")
     manifest = _open_dataset(data_dir)
     for entry in split_shards(data_dir, manifest, split):
         try:
@@ -110,6 +120,8 @@ def iter_samples(data_dir: str | Path, split: str, *, on_corrupt_shard: str = "e
             if on_corrupt_shard != "skip":
                 raise
             log.warning("skipping %d samples: %s", entry["samples"], exc)
+            if skipped is not None:
+                skipped.append({"shard": entry["name"], "samples": entry["samples"], "error": str(exc)})
             continue
         for input_ids, _ in samples:
             yield input_ids
@@ -198,8 +210,10 @@ class _WorkerStream:
         pending: list[tuple[int, np.ndarray, np.ndarray]] = []
         try:
             while spec.epochs is None or self.epoch < spec.epochs:
-                self._start_epoch()
                 shards = spec.worker_shards(self.epoch, self.worker)
+                if not shards and spec.epochs is None:
+                    break  # no shard in any epoch: end now rather than loop over empty epochs forever
+                self._start_epoch()
                 while self.cursor < len(shards):
                     shard = shards[self.cursor]
                     if self.offset < spec.shards[shard]["samples"]:
@@ -335,8 +349,10 @@ class ResumableLoader:
     # Progress and integrity -------------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        """The epoch every worker of this rank has reached (the slowest one's)."""
-        return min((s["epoch"] if s else 0) for s in self._states)
+        """The epoch every worker of this rank has reached (the slowest running one's)."""
+        # A finished worker no longer counts: a shardless one ends in epoch 0 of an infinite stream.
+        running = [s["epoch"] if s else 0 for s in self._states if not (s and s["done"])]
+        return min(running) if running else max(s["epoch"] for s in self._states if s)
 
     @property
     def skipped(self) -> dict:
@@ -413,6 +429,14 @@ def build_loader(
         raise ValueError(f"on_corrupt_shard must be one of {CORRUPT_POLICIES}, got {on_corrupt_shard!r}")
     manifest = _open_dataset(data_dir)
     shards = split_shards(data_dir, manifest, split)
+    if epochs is None and len(shards) < world_size:
+        # Every rank refuses (not only the shardless ones), so no rank is left waiting in a collective.
+        raise ValueError(
+            f"split {split!r} of {data_dir} has {len(shards)} shard(s) for world_size={world_size} ranks: ranks "
+            f"{len(shards)}..{world_size - 1} would get no data and wait forever (shards go whole to ranks); rerun "
+            "`pretrain prepare` with a smaller data.samples_per_shard so that the split has at least one shard per rank, "
+            "or use fewer processes"
+        )
     problems = missing_or_resized_shards(data_dir, shards)
     if problems:
         listing = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 LOAD_SNIPPET = """```python
-import pretrain
+import torch, pretrain
 model, tokenizer = pretrain.load_encoder("{path}")   # verifies hashes and shapes; no DeepSpeed needed
 ids = torch.tensor([tokenizer.encode("a small domesticated carnivore") + [tokenizer.eos_id()]])
 hidden = model.encode(ids)                             # [1, L, {d_model}]

@@ -92,6 +92,8 @@ def write_export(
     extra_files: names of files already written into out_dir that config.json should hash too.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not a directory: choose another output directory for the export")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).unlink(missing_ok=True)  # an interrupted re-export must not look complete
     save_weights(out_dir / WEIGHTS_FILE, state_dict, dtype)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pretrain.config import Config, ConfigError, config_from_dict, save_resolved
+from pretrain.config import Config, ConfigError, config_from_dict, resolve_shipped_path, save_resolved
 from pretrain.downstream import export as export_mod
 from pretrain.downstream.card import finetune_card
 from pretrain.downstream.classify import (
@@ -94,8 +94,9 @@ class Task:
 
 
 def load_task(ft, sp) -> Task:
-    train = balanced_head(read_labelled(ft.train_file, ft.text_field, ft.label_field, key="finetune.train_file"), ft.max_train_examples)
-    valid = read_labelled(ft.valid_file, ft.text_field, ft.label_field, key="finetune.valid_file")
+    train_file, valid_file = resolve_shipped_path(ft.train_file), resolve_shipped_path(ft.valid_file)
+    train = balanced_head(read_labelled(train_file, ft.text_field, ft.label_field, key="finetune.train_file"), ft.max_train_examples)
+    valid = read_labelled(valid_file, ft.text_field, ft.label_field, key="finetune.valid_file")
     labels = label_vocabulary(train, valid)
     index = {name: i for i, name in enumerate(labels)}
     return Task(
@@ -162,6 +163,8 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
     ft = cfg.finetune
     if out_dir.resolve() == init_dir.resolve():
         raise ConfigError(f"--out {out_dir} is the --init export itself; fine-tuning writes a new export, choose another directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory: choose another output directory")
     encoder, sp, manifest = initial_encoder(init_dir, ft.from_scratch, ft.seed)
     enc_model = manifest["config"]["model"]
     if ft.max_len > enc_model["max_seq_len"]:

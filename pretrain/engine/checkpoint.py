@@ -13,6 +13,10 @@ renames the directory to `<tag>` and only then rewrites `latest` (write a temp f
 A crash at any point leaves `latest` on the previous complete checkpoint; stale `.partial`
 directories are removed by the next run.
 
+Loading: DeepSpeed's loaders (resume, zero_to_fp32) unpickle its .pt files without weights_only, so
+every file is first checked to load with weights_only=True (verify_deepspeed_files): a damaged file
+or one holding arbitrary Python objects is refused with the file's name before DeepSpeed reads it.
+
 Test-only hook: PRETRAIN_TEST_CRASH_IN_SAVE=<step> kills the process (SIGKILL) in the middle of
 saving that step's checkpoint, after DeepSpeed's files are written and before the rename.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -134,18 +139,60 @@ def resolve(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
     return ckpt_dir, tag
 
 
+def damaged_fix(tag_dir: Path) -> str:
+    """What to do about a damaged checkpoint: fall back to an earlier one."""
+    return (f"delete {tag_dir} to resume training from the previous checkpoint, or pass another one to "
+            f"`pretrain eval` / `pretrain export` with --tag (complete ones: {complete_tags(tag_dir.parent)})")
+
+
 def read_meta(tag_dir: Path) -> dict:
     try:
         return json.loads((tag_dir / META).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{tag_dir / META} is unreadable ({exc}); resume from an earlier checkpoint with --resume {tag_dir.parent}/<tag>") from None
+        raise ValueError(f"{tag_dir / META} is unreadable ({exc}); {damaged_fix(tag_dir)}") from None
 
 
 def read_rank_state(tag_dir: Path, rank: int) -> dict:
     path = tag_dir / rank_file(rank)
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: the checkpoint was written by fewer ranks than this run has")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}); {damaged_fix(tag_dir)}") from None
+
+
+def _deepspeed_record_classes() -> list[type]:
+    """The only non-tensor classes DeepSpeed pickles into its checkpoint files (plain records)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_deepspeed_files(tag_dir: Path) -> None:
+    """Refuse a checkpoint whose .pt files are damaged or hold arbitrary Python objects.
+
+    DeepSpeed's own loaders (resume, zero_to_fp32) unpickle with weights_only=False, which can run
+    code: every file must first load with weights_only=True, allowing tensors, containers and
+    DeepSpeed's record classes only. mmap: the pickled structure is read, tensor data stays on disk.
+    """
+    files = sorted(tag_dir.glob("*.pt"))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed files (*.pt): the checkpoint is incomplete; {damaged_fix(tag_dir)}")
+    with torch.serialization.safe_globals(_deepspeed_record_classes()):
+        for path in files:
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError as exc:
+                found = next((line for line in str(exc).splitlines() if "GLOBAL" in line), "unsupported content")
+                raise ValueError(f"{path} holds Python objects other than tensors and DeepSpeed's records ({found.strip()}); "
+                                 "refusing to unpickle it, since that could run code. Load only checkpoints written by "
+                                 "`pretrain train`") from None
+            except (RuntimeError, OSError, EOFError) as exc:
+                first_sentence = str(exc).split(". ")[0]
+                raise ValueError(f"{path} is damaged ({first_sentence}); {damaged_fix(tag_dir)}") from None
 
 
 # Saving ----------------------------------------------------------------------------------------------
@@ -206,9 +253,13 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:
     tag_dir = ckpt_dir / tag
     meta = read_meta(tag_dir)
     rank_state = read_rank_state(tag_dir, rank)
-    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    verify_deepspeed_files(tag_dir)  # every rank checks every file: all ranks agree, none waits alone
+    try:
+        load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    except (AssertionError, RuntimeError, OSError, ValueError, KeyError) as exc:  # e.g. a file missing
+        raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir} ({type(exc).__name__}: {exc}); {damaged_fix(tag_dir)}") from exc
     if load_path is None:
-        raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir}; resume from an earlier one (--resume {tag_dir.parent}/<tag>)")
+        raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir}; {damaged_fix(tag_dir)}")
     return meta, rank_state
 
 
@@ -227,6 +278,7 @@ def load_model_state(run_dir_or_checkpoint: str | Path, tag: str | None = None):
     tag_dir = ckpt_dir / tag
     meta = read_meta(tag_dir)
     cfg = load_config(tag_dir / CONFIG)
+    verify_deepspeed_files(tag_dir)
     if cfg.train.pipeline_stages > 1:
         from pretrain.engine.pipeline import load_pipeline_state
 
@@ -234,7 +286,10 @@ def load_model_state(run_dir_or_checkpoint: str | Path, tag: str | None = None):
     elif cfg.train.zero_stage >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        except (AssertionError, RuntimeError, OSError, ValueError, KeyError) as exc:  # e.g. a rank's file missing
+            raise ValueError(f"cannot consolidate checkpoint {tag_dir} ({type(exc).__name__}: {exc}); {damaged_fix(tag_dir)}") from exc
     else:
         saved = _load_torch(tag_dir / "mp_rank_00_model_states.pt")
         state = _with_fp32_master_weights(saved, cfg, meta["vocab_size"])

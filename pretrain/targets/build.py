@@ -85,7 +85,9 @@ def build_targets(cfg: Config, *, progress: bool = True) -> dict:
     kinds = piece_kinds(sp)
     special = manifest["special_ids"]
     drop_ids = [i for name, i in special.items() if name not in ("unk", "eos")]  # pad, bos, mask
-    documents = split_documents(iter_samples(data_dir, "train", on_corrupt_shard=cfg.data.on_corrupt_shard), special["eos"], drop_ids)
+    skipped_shards: list[dict] = []  # data.on_corrupt_shard=skip: counted in the report
+    samples = iter_samples(data_dir, "train", on_corrupt_shard=cfg.data.on_corrupt_shard, skipped=skipped_shards)
+    documents = split_documents(samples, special["eos"], drop_ids)
     out_dir = Path(cfg.targets_path).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     # The piece corpus is only needed while training: a temporary file next to the output.
@@ -108,6 +110,7 @@ def build_targets(cfg: Config, *, progress: bool = True) -> dict:
     }
     out_path = save_target_table(cfg.targets_path, table, meta)
     report = {"table": str(out_path), **meta, "vocab_size": len(pieces), "dim": tcfg.dim, **parts}
+    report["skipped_shards"] = {"shards": len(skipped_shards), "samples": sum(e["samples"] for e in skipped_shards), "entries": skipped_shards}
     report["diagnostics"] = diagnose(table, pieces, kinds, counts, sample_docs, seed=tcfg.seed)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False))
@@ -132,6 +135,9 @@ def diagnose(table: torch.Tensor, pieces: list[str], kinds: list[str], counts: n
 
 def format_summary(report: dict) -> str:
     lines = [f"target table {report['table']}: method {report['method']}, {report['vocab_size']} x {report['dim']}"]
+    skipped = report.get("skipped_shards", {})
+    if skipped.get("shards"):
+        lines.append(f"skipped {skipped['shards']} corrupt train shard(s), {skipped['samples']} samples (data.on_corrupt_shard=skip)")
     if "trainer" in report:
         t = report["trainer"]
         lines.append(f"trainer: {t['algorithm']}, {t['corpus_tokens']} tokens x {t['epochs']} epochs in {t['train_seconds']:.1f} s = {t['tokens_per_s']:.0f} tokens/s ({t['workers']} threads)")

@@ -21,8 +21,10 @@ def all_but_the_top(table: torch.Tensor, components: int, rows: torch.Tensor | N
     """
     unit = normalize_rows(table)
     rows = torch.ones(len(unit), dtype=torch.bool) if rows is None else rows
-    if int(rows.sum()) <= components + 1:
-        return unit  # too few rows to estimate directions from
+    if int(rows.sum()) <= components + 2:
+        # n centred rows span n - 1 directions; with at most one left after the projection the rows
+        # would all become ±the same vector (duplicates, undecodable): too few rows for this.
+        return unit
     chosen = unit[rows]
     centred = chosen - chosen.mean(dim=0, keepdim=True)
     if components > 0:

@@ -11,7 +11,7 @@ Remedies (targets.learned_remedy):
   an isotropic table) and a covariance penalty (off-diagonal covariances -> 0), as in VICReg.
 - ema: the loss compares predictions with a slowly updated EMA copy of the table (stop-gradient);
   the table itself chases the stop-gradient predictions (BYOL / EMA-codebook style). This slows the
-  collapse but does not remove its cause; see tests/targets/test_learned.py for measured numbers.
+  collapse but does not remove its cause; see tests/targets/test_learned_targets.py for measured numbers.
 - none: the naive setting, kept to demonstrate the collapse.
 
 Engine usage (docs/INTERFACES.md):

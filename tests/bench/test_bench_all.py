@@ -109,3 +109,16 @@ def test_all_runs_only_the_chosen_suites(fake_suites, tmp_path):
     assert main(["bench", "all", "--suites", "train", "--out", str(tmp_path / "r.json")]) == 0
     assert fake_suites == {"train": 2}
     assert list(json.loads((tmp_path / "r.json").read_text())["suites"]) == ["train"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["decode", "--vocab-sizes", "3", "--plot", ""], "--vocab-sizes 3 is smaller than --k 5"),
+    (["decode", "--queries", "0", "--plot", ""], "--k, --queries, --dim and --repeats must be at least 1"),
+    (["train", "--vocab-sizes", "4k"], "--vocab-sizes '4k': give comma-separated integers"),
+    (["loss", "--tokens", "0", "--plot", ""], "--tokens, --hidden and --chunk-size must be positive"),
+])
+def test_suites_refuse_bad_arguments_in_one_line(argv, message, capsys):
+    # Checked before any work: decode's top-k used to die in a torch traceback, train's in int().
+    assert main(["bench", *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1

@@ -15,3 +15,11 @@ def test_bench_data_prints_throughput_json(capsys):
         assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and row["restored_first_batch_s"] > 0
     assert result["streaming"]["workers_0"]["samples_per_s_ratio_vs_workers_0"] == 1.0
     assert result["hardware"]["cores"] >= 1
+
+
+def test_bench_data_refuses_arguments_that_would_never_finish(tmp_path, capsys):
+    # --batches 0 used to time an infinite loader forever.
+    assert main(["bench", "data", "--batches", "0"]) == 1
+    assert "--batches and --batch-size at least 1" in capsys.readouterr().err
+    assert main(["bench", "data", "--corpus", str(tmp_path / "none.txt")]) == 1
+    assert "none.txt not found" in capsys.readouterr().err

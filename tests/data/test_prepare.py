@@ -126,6 +126,8 @@ def test_missing_corpus_via_cli_is_one_clean_line(tmp_path, capsys):
 
 
 def test_unusable_tokenizer_files_are_rejected(tiny_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.model_path .*nothere\.model not found.*leave it empty"):
+        prepare_dataset(derived(tiny_data, tmp_path, f"tokenizer.model_path={tmp_path / 'nothere.model'}"), progress=False)
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"not a model")
     with pytest.raises(ValueError, match=r"garbage\.model is not a SentencePiece model"):
@@ -149,3 +151,15 @@ def test_report_has_throughput(tiny_data):
     report = json.loads((tiny_data.data_dir / "prepare_report.json").read_text())
     assert report["encode_tokens_per_s"] > 0 and report["encode_mb_per_s"] > 0
     assert report["tokens"] == sum(s["tokens"] for s in load_manifest(tiny_data.data_dir)["splits"].values())
+
+
+def test_bpe_tokenizer_has_the_special_ids_and_round_trips(tiny_data, tmp_path):
+    from pretrain.data.tokenizer import train_tokenizer
+
+    lines = [line for line in Path(tiny_data.data.corpus[0]).read_text().split("\n")[:3000] if line.strip()]
+    sp = train_tokenizer(lines, tmp_path / "bpe.model", model_type="bpe", vocab_size=600, character_coverage=0.9995, seed=0, num_threads=1)
+    assert load_tokenizer(tmp_path / "bpe.model").get_piece_size() == sp.get_piece_size() <= 600
+    assert sp.id_to_piece(4) == "<mask>" and (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
+    text = "Zebra-like ünïcode ✓ and  two spaces\tand a tab"  # unseen characters go through byte fallback
+    assert sp.decode(sp.encode(text)) == text and sp.unk_id() not in sp.encode(text)
+    assert (tmp_path / "bpe.vocab").read_text().count("\n") == sp.get_piece_size()

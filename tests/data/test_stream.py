@@ -130,6 +130,37 @@ def test_resume_continues_with_exactly_the_next_batch(tiny_data, num_workers, sh
         assert same(head + tail, reference), f"resume after {stop} batches diverged"
 
 
+@pytest.mark.timeout(120)  # the bug this guards against was a silent hang
+def test_infinite_stream_with_more_workers_than_shards_runs_and_resumes(tiny_data):
+    # valid has 2 shards: with 2 ranks each rank owns 1 shard, so 2 of its 3 workers never get one.
+    def make():
+        return build_loader(tiny_data.data_dir, "valid", batch_size=8, rank=1, world_size=2, num_workers=3, seed=9, shuffle_buffer=8)
+
+    loader = make()
+    reference = take(loader, n=70)  # a rank's shard is ~250 samples: 70 batches of 8 cross two epochs
+    assert loader.epoch >= 2
+    own = collections.Counter()
+    for entry_index in loader.spec.worker_shards(0, 0):
+        entry = loader.spec.shards[entry_index]
+        own.update(tuple(ids.tolist()) for ids, _ in read_shard(tiny_data.data_dir / entry["name"], entry, 32))
+    first_epoch = [tuple(r) for b in reference for r in b["input_ids"].tolist()][: sum(own.values())]
+    assert collections.Counter(first_epoch) == own
+    head = take(resumed := make(), n=25)
+    state = json.loads(json.dumps(resumed.state_dict()))
+    again = make()
+    again.load_state_dict(state)
+    assert same(head + take(again, n=45), reference)
+
+
+def test_infinite_stream_refuses_fewer_shards_than_ranks(tiny_data):
+    # Every rank refuses, also those that would get a shard: none is left waiting for the others.
+    for rank in range(3):
+        with pytest.raises(ValueError, match=r"'valid' .* has 2 shard\(s\) for world_size=3 ranks.*data\.samples_per_shard"):
+            build_loader(tiny_data.data_dir, "valid", batch_size=8, rank=rank, world_size=3, num_workers=0, seed=0)
+    # A finite pass (evaluation) is fine: the shardless rank yields no batch.
+    assert take(build_loader(tiny_data.data_dir, "valid", batch_size=8, rank=2, world_size=3, num_workers=0, seed=0, epochs=1)) == []
+
+
 def test_iterating_again_continues_where_the_last_loop_stopped(tiny_data):
     kw = dict(batch_size=8, rank=0, world_size=1, num_workers=2, seed=2, shuffle_buffer=8)
     reference = take(build_loader(tiny_data.data_dir, "valid", **kw), n=30)
@@ -226,7 +257,11 @@ def test_skip_policy_counts_what_it_skips_and_loses_nothing_else(data_copy):
             assert loader.skipped["entries"][0]["shard"] == entry["name"]
     assert skipped == entry["samples"] == sum(lost.values())
     assert seen == expected
-    assert sum(1 for _ in iter_samples(data_copy, "valid", on_corrupt_shard="skip")) == manifest["splits"]["valid"]["samples"] - entry["samples"]
+    skipped_by_iter = []
+    kept = sum(1 for _ in iter_samples(data_copy, "valid", on_corrupt_shard="skip", skipped=skipped_by_iter))
+    assert kept == manifest["splits"]["valid"]["samples"] - entry["samples"]
+    assert [(e["shard"], e["samples"]) for e in skipped_by_iter] == [(entry["name"], entry["samples"])]
+    assert "fails its checksum" in skipped_by_iter[0]["error"]
 
 
 def all_rows_except(data_dir, split, shard_name):

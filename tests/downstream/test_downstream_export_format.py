@@ -122,3 +122,13 @@ def test_failed_reexport_leaves_no_loadable_export(standin_export, tmp_path):
                         targets_path=out / "targets.safetensors", dtype="fp16")
     with pytest.raises(ex.ExportError, match="not a complete export"):
         ex.read_manifest(out)
+
+
+def test_export_onto_an_existing_file_is_refused(standin_export, tmp_path):
+    model, out = standin_export
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    with pytest.raises(ex.ExportError, match="a_file is a file, not a directory"):
+        ex.write_export(target, state_dict=model.state_dict(), config={}, vocab_size=11, tokenizer_path=out / "tokenizer.model",
+                        targets_path=None)
+    assert target.read_text() == "keep me"

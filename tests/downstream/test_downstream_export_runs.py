@@ -200,3 +200,11 @@ def test_model_card_carries_the_eval_numbers(tiny_runs, tmp_path):
     card = (out / "README.md").read_text()
     assert "| top1 | 0.1234 |" in card and "| top5 | 0.2500 |" in card and "| tokens | 999 |" in card
     assert json.loads((out / "config.json").read_text())["eval"]["top1"] == 0.1234
+
+
+def test_the_model_card_usage_snippet_runs(exports):
+    card = (exports["zero2"] / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("EXPORT_DIR", str(exports["zero2"]))
+    scope: dict = {}
+    exec(code, scope)  # a fresh namespace: the snippet must import what it uses
+    assert scope["hidden"].shape[0] == 1 and scope["hidden"].shape[-1] == 32

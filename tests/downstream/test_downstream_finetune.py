@@ -116,6 +116,9 @@ def test_cli_reports_data_and_config_errors_in_one_line(tiny_export, tmp_path, c
     assert "finetune.max_len=64 exceeds the encoder's model.max_seq_len=32" in capsys.readouterr().err
     assert cli_main(["finetune", "--init", str(tmp_path / "missing"), *out]) == 1
     assert "pretrain export" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert cli_main(["finetune", "finetune.max_len=32", "--init", str(tiny_export), "--out", str(tmp_path / "a_file")]) == 1
+    assert "a_file is a file, not a directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written before the inputs are known good
 
 

@@ -221,3 +221,59 @@ def test_step_stats_average_micro_batches():
     assert row["loss"] == pytest.approx(2.0) and row["mean_cos"] == pytest.approx(0.3) and row["mean_pred_norm"] == 2.0
     assert row["data_fingerprint"] > 0 and "accuracy" not in row
     assert math.isnan(summarize({**stats.reduce(torch.device("cpu")), "loss_sum": float("nan")})["loss"])
+
+
+# Damaged or unsafe checkpoints ----------------------------------------------------------------------
+
+class _RunsCode:
+    """Unpickling it would run a command: what a hostile checkpoint file carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_files_that_would_run_code_are_refused_before_unpickling(tmp_path):
+    tag_dir = _fake_checkpoint(tmp_path, 5)
+    torch.save({"module": {"w": torch.ones(2)}}, tag_dir / "mp_rank_00_model_states.pt")
+    ckpt.verify_deepspeed_files(tag_dir)  # tensors and dicts only: accepted
+    marker = tmp_path / "code-ran"
+    torch.save({"module": {}, "extra": _RunsCode(marker)}, tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ValueError, match=r"zero_pp_rank_0_mp_rank_00_optim_states.pt holds Python objects .*GLOBAL posix.system"):
+        ckpt.verify_deepspeed_files(tag_dir)
+    assert not marker.exists()
+
+
+def test_damaged_checkpoint_files_are_named_with_the_way_back(tmp_path):
+    tag_dir = _fake_checkpoint(tmp_path, 5)
+    with pytest.raises(FileNotFoundError, match=r"holds no DeepSpeed files \(\*\.pt\)"):
+        ckpt.verify_deepspeed_files(tag_dir)
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(64)}}, path)
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.raises(ValueError, match=rf"{path} is damaged .*delete {tag_dir} to resume training from the previous checkpoint"):
+        ckpt.verify_deepspeed_files(tag_dir)
+    (tag_dir / ckpt.rank_file(0)).write_text("{trunc")
+    with pytest.raises(ValueError, match=r"rank_00000.json is unreadable .*--tag \(complete ones: \['step-00000005'\]\)"):
+        ckpt.read_rank_state(tag_dir, 0)
+    (tag_dir / ckpt.META).write_text("{trunc")
+    with pytest.raises(ValueError, match=r"meta.json is unreadable .*delete"):
+        ckpt.read_meta(tag_dir)
+
+
+def test_a_deepspeed_load_failure_names_the_checkpoint(tmp_path):
+    """A file DeepSpeed expects is missing: its bare AssertionError becomes one clear ValueError."""
+    tag_dir = _fake_checkpoint(tmp_path, 5)
+    torch.save({"module": {}}, tag_dir / "mp_rank_00_model_states.pt")
+    (tag_dir / ckpt.rank_file(0)).write_text(json.dumps({"rank": 0}))
+
+    class Engine:
+        def load_checkpoint(self, *args, **kwargs):
+            raise AssertionError("no optimizer files")
+
+    with pytest.raises(ValueError, match=rf"DeepSpeed could not load checkpoint {tag_dir} \(AssertionError: no optimizer files\); delete"):
+        ckpt.load(Engine(), tmp_path, tag_dir.name, rank=0)

@@ -179,3 +179,21 @@ def test_nan_steps_are_skipped_and_too_many_in_a_row_stop_the_run(engine_base, t
     assert meta["guard"] == {"in_row": 2, "total": 3}
     assert "training stopped at step 6" in (run_dir / "train.log").read_text()
     assert (run_dir / "mlflow_run.json").is_file()  # the tracker ran on rank 0
+
+
+def test_a_damaged_checkpoint_is_one_clear_line_for_export_and_eval(tiny_runs, tmp_path, capsys):
+    import shutil
+
+    from pretrain.cli import main
+
+    run_dir = shutil.copytree(tiny_runs["zero2"].run_dir, tmp_path / "run")
+    tag_dir = run_dir / ckpt.CHECKPOINTS / "step-00000016"
+    (tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert main(["export", str(run_dir), str(tmp_path / "export")]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot consolidate checkpoint {tag_dir}" in err and "--tag" in err and "Traceback" not in err
+    model_file = tag_dir / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    assert main(["eval", str(run_dir / "config.resolved.yaml"), "tracking.enabled=false", "--run-dir", str(run_dir)]) == 1
+    assert f"{model_file} is damaged" in capsys.readouterr().err
+    assert main(["export", str(run_dir), str(tmp_path / "export"), "--tag", "step-00000008"]) == 0  # the way back works

@@ -129,6 +129,8 @@ def test_clear_errors(tiny_runs, tmp_path, capsys):
     assert "step-00000099" in capsys.readouterr().err
     assert main(["eval", str(run.run_dir / "config.resolved.yaml"), "eval.device=sharded", "--run-dir", str(run.run_dir)]) == 1
     assert "faiss-gpu" in capsys.readouterr().err
+    assert main(["eval", "--export", str(tmp_path / "export"), "--tag", "step-00000008"]) == 1  # not silently ignored
+    assert "--tag picks a checkpoint of a training run" in capsys.readouterr().err
     other_data = tmp_path / "other_data"
     other_data.mkdir()
     manifest = json.loads((run.cfg.data_dir / "manifest.json").read_text())
@@ -169,3 +171,27 @@ def test_two_processes_report_the_single_process_numbers(tiny_runs, reports, tmp
     for key in ("tokens", "sequences", "top1", "top5", "majority_top1"):
         assert report[key] == reports["softmax"][key]
     assert report["perplexity"] == pytest.approx(reports["softmax"]["perplexity"], rel=1e-9)
+
+
+def test_eval_adds_to_the_training_runs_tracking_server(tiny_runs, tmp_path, monkeypatch):
+    """A run tracked on a server: eval's metrics go to that MLflow run (kept for later while the server is
+    down), not to a new local store that would take over the run's mlflow_run.json."""
+    import shutil
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # restored after the test
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        server = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there once closed
+    run_dir = shutil.copytree(tiny_runs["zero2"].run_dir, tmp_path / "run")
+    record = {"tracking_uri": server, "experiment": "softmax-free-pretraining", "experiment_id": "7", "run_id": "r123"}
+    (run_dir / "mlflow_run.json").write_text(json.dumps(record))
+    rc = main(["eval", str(run_dir / "config.resolved.yaml"), *EVAL_OVERRIDES, "tracking.enabled=true",
+               "tracking.http_timeout_s=1", "--run-dir", str(run_dir)])
+    assert rc == 0
+    assert json.loads((run_dir / "mlflow_run.json").read_text()) == record
+    assert not (run_dir / "mlflow.db").exists()
+    pending = [json.loads(line) for line in (run_dir / "mlflow_pending.jsonl").read_text().splitlines()]
+    top1 = [r["metrics"]["eval/top1"] for r in pending if r["op"] == "metrics" and "eval/top1" in r["metrics"]]
+    assert top1 == [json.loads((run_dir / "eval" / "report.json").read_text())["top1"]]

@@ -23,7 +23,8 @@ def _history(client, run_id, key="loss"):
 
 def test_metrics_params_and_artifacts_arrive_on_a_server(mlflow_server, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = load_config(None, [f"train.run_dir={run_dir}", f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=server-test"])
+    cfg = load_config(None, [f"workdir={tmp_path}", f"train.run_dir={run_dir}", f"tracking.tracking_uri={mlflow_server}",
+                             "tracking.experiment=server-test"])  # workdir: no stray data/targets artifacts
     tracker = start_tracking(cfg, run_dir, rank=0, world_size=2)
     for step in range(3):
         tracker.log_metrics({"loss": 3.0 - step, "tokens_per_s": 100.0 * step}, step)

@@ -132,6 +132,32 @@ def test_rendezvous_across_two_real_nodes(slurm_cluster, tmp_path):
     assert info["NodeList"] == "node[1-2]"
 
 
+def test_a_cancelled_job_checkpoints_but_is_not_requeued(slurm_cluster, tmp_path):
+    """scancel: the tasks get SIGTERM and exit with EXIT_PREEMPTED (as the trainer does after its
+    checkpoint); unlike after the warning signal, the job must stay cancelled."""
+    from pretrain.engine.signals import EXIT_PREEMPTED
+
+    task = tmp_path / "task.sh"
+    task.write_text(f"#!/usr/bin/env bash\ntrap 'echo TASK_GOT_TERM; exit {EXIT_PREEMPTED}' TERM\n"
+                    "echo TASK_STARTED\nsleep 300 & wait\n")
+    task.chmod(0o755)
+    job_id = slurm_cluster.sbatch("slurm/single_node.sbatch", "--command", str(task), options=_options("cancel", 1, tmp_path))
+    log = tmp_path / f"cancel-{job_id}.out"
+    deadline = time.monotonic() + 120
+    while "TASK_STARTED" not in (log.read_text() if log.is_file() else ""):
+        assert time.monotonic() < deadline, f"the task never started:\n{_tail(log)}"
+        time.sleep(0.5)
+    slurm_cluster.run("scancel", str(job_id))
+    while "tasks exited with status" not in log.read_text():
+        assert time.monotonic() < deadline, f"job.sh never saw its tasks end:\n{_tail(log)}"
+        time.sleep(0.5)
+    time.sleep(3)  # a requeue (the bug this guards against) would show by now
+    info = slurm_cluster.job(job_id)
+    text = log.read_text()
+    assert "TASK_GOT_TERM" in text and "not requeueing" in text and "requeueing; the next start" not in text, text
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+
+
 def test_single_node_training_completes_with_checkpoint_and_mlflow(jobs):
     job = jobs["single"]
     _assert_completed(job)

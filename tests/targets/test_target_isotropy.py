@@ -51,3 +51,17 @@ def test_built_tables_are_centred_by_default(tiny_targets):
     assert report["isotropy"]["components_removed"] == tiny_targets.targets.remove_top_components == 2
     assert abs(report["diagnostics"]["mean_pairwise_cosine"]) < 0.05
     assert report["diagnostics"]["self_retrieval"] == 1.0
+
+
+def test_too_few_rows_are_left_as_they_are_not_collapsed_onto_one_line():
+    from pretrain.targets.diagnostics import duplicate_rows
+
+    table = torch.randn(10, 8, generator=torch.Generator().manual_seed(0))
+    rows = torch.zeros(10, dtype=torch.bool)
+    rows[:4] = True  # 4 centred rows span 3 directions; removing 2 would leave them on one line
+    out = all_but_the_top(table, components=2, rows=rows)
+    assert duplicate_rows(out) == []
+    assert torch.allclose(out, table / table.norm(dim=1, keepdim=True))
+    rows[:5] = True  # 5 rows keep 2 directions: processed, still distinct
+    out = all_but_the_top(table, components=2, rows=rows)
+    assert duplicate_rows(out) == [] and not torch.allclose(out[:5], table[:5] / table[:5].norm(dim=1, keepdim=True))

@@ -111,3 +111,21 @@ def test_cli_imported_without_file(tiny_data, tmp_path, capsys):
     config = save_resolved(tiny_data, tmp_path, name="cfg.yaml")
     rc = main(["targets", str(config), f"targets.path={tmp_path / 'x.safetensors'}", "targets.method=imported", "--no-progress"])
     assert rc == 1 and "needs targets.import_path" in capsys.readouterr().err
+
+
+def test_cli_skips_and_counts_a_corrupt_train_shard(tiny_data, tmp_path, capsys):
+    import shutil
+
+    data_dir = shutil.copytree(tiny_data.data_dir, tmp_path / "data")
+    entry = load_manifest(data_dir)["splits"]["train"]["shards"][2]
+    payload = bytearray((data_dir / entry["name"]).read_bytes())
+    payload[3000] ^= 0xFF
+    (data_dir / entry["name"]).write_bytes(bytes(payload))
+    config = save_resolved(tiny_data, tmp_path, name="cfg.yaml")
+    out = tmp_path / "t" / "targets.safetensors"
+    common = ["targets", str(config), f"data.dir={data_dir}", f"targets.path={out}", "targets.algorithm=skipgram", "targets.epochs=1"]
+    assert main([*common, "--no-progress"]) == 1 and "fails its checksum" in capsys.readouterr().err  # default policy: stop
+    assert main([*common, "data.on_corrupt_shard=skip", "--no-progress"]) == 0
+    assert f"skipped 1 corrupt train shard(s), {entry['samples']} samples" in capsys.readouterr().out
+    skipped = json.loads((out.parent / "report.json").read_text())["skipped_shards"]
+    assert skipped["shards"] == 1 and skipped["samples"] == entry["samples"] and skipped["entries"][0]["shard"] == entry["name"]

@@ -186,3 +186,5 @@ def test_ui_without_a_store_is_a_clean_error(tmp_path, capsys):
     assert "no local MLflow store (mlflow.db)" in err and str(tmp_path) in err
     assert cli_main(["ui", str(tmp_path / "missing")]) == 1
     assert "is not a directory" in capsys.readouterr().err
+    assert cli_main(["ui", str(tmp_path), "--port", "99999"]) == 1
+    assert "--port 99999 is not a TCP port (1-65535)" in capsys.readouterr().err
