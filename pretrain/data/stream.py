@@ -214,10 +214,12 @@ class _WorkerStream:
                 if not shards and spec.epochs is None:
                     break  # no shard in any epoch: end now rather than loop over empty epochs forever
                 self._start_epoch()
+                read_any = False
                 while self.cursor < len(shards):
                     shard = shards[self.cursor]
                     if self.offset < spec.shards[shard]["samples"]:
                         samples = self._load(shard)
+                        read_any = read_any or bool(samples)
                         for offset in range(self.offset, len(samples)):
                             self.offset = offset + 1
                             for out in self._push((self.starts[shard] + offset, *samples[offset])):
@@ -231,6 +233,8 @@ class _WorkerStream:
                     if len(pending) == spec.batch_size:
                         yield self._batch(pending)
                         pending = []
+                if spec.epochs is None and not read_any and self.skipped:
+                    self._check_some_shard_readable()
                 self.epoch, self.cursor, self.offset, self.rng = self.epoch + 1, 0, 0, None
         except CorruptShardError as exc:
             # Handed to the main process as data: an exception raised in a DataLoader worker
@@ -239,6 +243,23 @@ class _WorkerStream:
             return
         self.done = True
         yield self._batch(pending) if pending else {"_state": self.snapshot()}
+
+    def _check_some_shard_readable(self) -> None:
+        """After an epoch in which every shard this worker got was skipped: with no readable shard
+        in the whole split, an infinite stream would re-read the same broken files forever."""
+        known_bad = {e["shard"] for e in self.skipped}
+        for entry in self.spec.shards:
+            if entry["name"] in known_bad:
+                continue
+            try:
+                read_shard(Path(self.spec.data_dir) / entry["name"], entry, self.spec.seq_len)
+                return  # a later epoch will hand this worker a readable shard
+            except CorruptShardError:
+                known_bad.add(entry["name"])
+        raise CorruptShardError(
+            f"all {len(self.spec.shards)} shard(s) of split {self.spec.split!r} in {self.spec.data_dir} are unreadable "
+            f"(e.g. {self.skipped[-1]['error']}): nothing is left to stream; {PREPARE_HINT}"
+        )
 
     def _start_epoch(self) -> None:
         if self.rng is not None:
@@ -442,6 +463,8 @@ def build_loader(
         listing = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         if on_corrupt_shard == "error":
             raise CorruptShardError(f"{listing}: {PREPARE_HINT}, or stream with on_corrupt_shard=skip to skip such shards")
+        if len(problems) == len(shards):
+            raise CorruptShardError(f"every shard of {data_dir}/{split} is missing or resized ({listing}): {PREPARE_HINT}")
         log.warning("%d shard(s) of %s/%s will be skipped: %s", len(problems), data_dir, split, listing)
     spec = StreamSpec(
         data_dir=str(data_dir), split=split, shards=tuple(shards), seq_len=manifest["seq_len"], batch_size=batch_size,

@@ -264,6 +264,42 @@ def test_skip_policy_counts_what_it_skips_and_loses_nothing_else(data_copy):
     assert "fails its checksum" in skipped_by_iter[0]["error"]
 
 
+def flip_a_byte(path):
+    payload = bytearray(path.read_bytes())
+    payload[3000] ^= 0xFF  # same size: only reading the shard can tell
+    path.write_bytes(bytes(payload))
+
+
+@pytest.mark.timeout(120)  # the bug this guards against is an endless loop
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_infinite_skip_stream_with_every_shard_broken_ends_with_an_error(data_copy, num_workers):
+    """Skipping must not turn into re-reading the same broken files forever."""
+    entries = load_manifest(data_copy)["splits"]["valid"]["shards"]
+    for entry in entries:
+        flip_a_byte(data_copy / entry["name"])
+    loader = build_loader(data_copy, "valid", batch_size=8, rank=0, world_size=1, num_workers=num_workers, seed=0, on_corrupt_shard="skip")
+    with pytest.raises(CorruptShardError, match=rf"all {len(entries)} shard\(s\) of split 'valid' .* unreadable"):
+        take(loader, 1)
+
+
+def test_infinite_skip_stream_goes_on_while_some_shard_is_readable(data_copy):
+    entries = load_manifest(data_copy)["splits"]["valid"]["shards"]
+    for entry in entries[1:]:
+        flip_a_byte(data_copy / entry["name"])
+    good = collections.Counter(tuple(ids.tolist()) for ids, _ in read_shard(data_copy / entries[0]["name"], entries[0], 32))
+    loader = build_loader(data_copy, "valid", batch_size=4, rank=0, world_size=1, num_workers=0, seed=0, on_corrupt_shard="skip")
+    batches = take(loader, 3 * sum(good.values()) // 4)  # three epochs' worth of the one good shard
+    assert set(rows(batches)) == set(good)
+    assert loader.skipped["shards"] >= len(entries) - 1
+
+
+def test_skip_policy_refuses_a_split_whose_shards_are_all_missing(data_copy):
+    for entry in load_manifest(data_copy)["splits"]["valid"]["shards"]:
+        (data_copy / entry["name"]).unlink()
+    with pytest.raises(CorruptShardError, match="every shard of .*valid is missing or resized"):
+        build_loader(data_copy, "valid", batch_size=8, rank=0, world_size=1, num_workers=0, seed=0, on_corrupt_shard="skip")
+
+
 def all_rows_except(data_dir, split, shard_name):
     manifest = load_manifest(data_dir)
     out = collections.Counter()
