@@ -182,7 +182,9 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
     save_resolved(cfg, out_dir)
     history = []
     t0 = time.perf_counter()
-    with start_tracking(cfg, out_dir, 0) as tracker:
+    # The encoder's own files, not the pretraining data's: fine-tuning may run far from that.
+    encoder_files = {"encoder": [init_dir / export_mod.CONFIG_FILE, init_dir / export_mod.TOKENIZER_FILE, init_dir / export_mod.CARD_FILE]}
+    with start_tracking(cfg, out_dir, 0, inputs=encoder_files) as tracker:
         tracker.log_params({"finetune.init": str(init_dir)})
         for epoch in range(1, ft.epochs + 1):
             train_loss = train_epoch(model, task, optimizer, schedule, ft, order, desc=f"epoch {epoch}/{ft.epochs}")

@@ -480,13 +480,17 @@ class Tracker(NullTracker):
             )
 
 
-def start_tracking(cfg: Config, run_dir: str | Path, rank: int, *, world_size: int | None = None) -> NullTracker:
+def start_tracking(
+    cfg: Config, run_dir: str | Path, rank: int, *, world_size: int | None = None,
+    inputs: dict[str, list[Path]] | None = None,
+) -> NullTracker:
     """The tracker of one training process: real on rank 0 with tracking enabled, a no-op otherwise.
 
     On rank 0 it starts (or resumes) the MLflow run and logs the flattened config as params and the
-    system info as tags; a new run also gets the resolved config, the tokenizer, the data manifest
-    and the target-table report as artifacts. A resumed run (a requeued job, or `pretrain eval`
-    adding its metrics to the training run) keeps the system tags of its start.
+    system info as tags; a new run also gets the resolved config and its input files as artifacts
+    (``inputs``: artifact folder -> files; by default pretraining's: the tokenizer, the data manifest
+    and the target-table report). A resumed run (a requeued job, or `pretrain eval` adding its
+    metrics to the training run) keeps the system tags of its start.
     """
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
@@ -508,8 +512,9 @@ def start_tracking(cfg: Config, run_dir: str | Path, rank: int, *, world_size: i
     if not config_file.is_file():
         save_resolved(cfg, run_dir)
     tracker.log_artifact(config_file)
-    inputs = {"data": [cfg.data_dir / "tokenizer.model", cfg.data_dir / "manifest.json"],
-              "targets": [cfg.targets_path.parent / "report.json"]}
+    if inputs is None:
+        inputs = {"data": [cfg.data_dir / "tokenizer.model", cfg.data_dir / "manifest.json"],
+                  "targets": [cfg.targets_path.parent / "report.json"]}
     for artifact_path, files in inputs.items():
         for path in files:
             if path.is_file():  # a stage that has not run yet just has nothing to add

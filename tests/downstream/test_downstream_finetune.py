@@ -69,6 +69,10 @@ def test_finetuning_logs_params_and_metrics_to_mlflow(finetuned):
     history = client.get_metric_history(run.info.run_id, "accuracy")
     assert [m.step for m in history] == [1, 2]
     assert history[-1].value == pytest.approx(json.loads((out / "finetune_report.json").read_text())["accuracy"])
+    artifacts = {a.path: [f.path for f in client.list_artifacts(run.info.run_id, a.path)] if a.is_dir else None
+                 for a in client.list_artifacts(run.info.run_id)}
+    assert sorted(artifacts["encoder"]) == ["encoder/README.md", "encoder/config.json", "encoder/tokenizer.model"]
+    assert "data" not in artifacts and "finetune_report.json" in artifacts  # not the pretraining data's files
 
 
 def test_from_scratch_is_the_same_architecture_with_fresh_weights(tiny_export):
