@@ -84,7 +84,8 @@ class TargetsConfig(Section):
     # fastText hash buckets for character n-grams (gensim's default 2M x dim floats is too big here).
     ngram_buckets: int = Field(100_000, gt=0)
     # Trainer threads; 0 -> all CPU cores. Only workers=1 gives a bit-identical table run to run
-    # (gensim threads race on the shared weights), at a multiple of the time.
+    # (gensim threads race on the shared weights; its docs also ask for a fixed PYTHONHASHSEED),
+    # at a multiple of the time.
     workers: int = Field(0, ge=0)
     seed: int = 0
     # Isotropy post-processing of trained/imported rows ("all-but-the-top", pretrain/targets/isotropy.py):
