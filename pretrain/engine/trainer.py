@@ -54,13 +54,14 @@ class RunInputs:
     vocab_size: int
     special_ids: dict
     table: torch.Tensor | None
+    table_meta: dict | None
     hashes: dict
 
 
 def load_run_inputs(cfg: Config, world_size: int) -> RunInputs:
     from pretrain.data.manifest import load_manifest, manifest_sha256
     from pretrain.data.tokenizer import file_sha256, load_tokenizer
-    from pretrain.targets.table import load_target_table, read_table_meta
+    from pretrain.targets.table import load_target_table
 
     data_dir = cfg.data_dir
     manifest = load_manifest(data_dir)
@@ -71,13 +72,12 @@ def load_run_inputs(cfg: Config, world_size: int) -> RunInputs:
     table = table_meta = None
     hashes = {"tokenizer_sha256": tokenizer_sha, "manifest_sha256": manifest_sha256(data_dir)}
     if needs_table:
-        table_meta = read_table_meta(cfg.targets_path)
-        table, _ = load_target_table(cfg.targets_path)
+        table, table_meta = load_target_table(cfg.targets_path)
         hashes.update(targets_sha256=file_sha256(cfg.targets_path), targets_path=str(cfg.targets_path))
     check_run_inputs(cfg, manifest, tokenizer_pieces=pieces, tokenizer_sha256=tokenizer_sha,
                      table_shape=tuple(table.shape) if table is not None else None, table_meta=table_meta,
                      world_size=world_size)
-    return RunInputs(manifest, manifest["vocab_size"], manifest["special_ids"], table, hashes)
+    return RunInputs(manifest, manifest["vocab_size"], manifest["special_ids"], table, table_meta, hashes)
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -276,10 +276,10 @@ class Trainer:
             return {}
         # Learned targets: eval/export decode with this step's table, saved next to the weights.
         from pretrain.data.tokenizer import file_sha256
-        from pretrain.targets.table import read_table_meta, save_target_table
+        from pretrain.targets.table import save_target_table
 
         path = tag_dir / "targets.safetensors"
-        save_target_table(path, learned_table, {**read_table_meta(self.cfg.targets_path), "method": "learned"})
+        save_target_table(path, learned_table, {**self.inputs.table_meta, "method": "learned"})
         final_path = self.ckpt_dir / tag_dir.name.removesuffix(ckpt.PARTIAL) / path.name
         return {"targets_path": str(final_path), "targets_sha256": file_sha256(path),
                 "source_targets_sha256": self.inputs.hashes["targets_sha256"]}
