@@ -291,7 +291,7 @@ def load_model_state(run_dir_or_checkpoint: str | Path, tag: str | None = None):
         except (AssertionError, RuntimeError, OSError, ValueError, KeyError) as exc:  # e.g. a rank's file missing
             raise ValueError(f"cannot consolidate checkpoint {tag_dir} ({type(exc).__name__}: {exc}); {damaged_fix(tag_dir)}") from exc
     else:
-        saved = _load_torch(tag_dir / "mp_rank_00_model_states.pt")
+        saved = load_weights_file(tag_dir / "mp_rank_00_model_states.pt")
         state = _with_fp32_master_weights(saved, cfg, meta["vocab_size"])
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return state, cfg, meta
@@ -325,7 +325,8 @@ def _with_fp32_master_weights(saved: dict, cfg, vocab_size: int) -> dict:
     return state
 
 
-def _load_torch(path: Path) -> dict:
+def load_weights_file(path: Path) -> dict:
+    """A DeepSpeed module file of a checkpoint, loaded without unpickling code (weights_only)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: the checkpoint is incomplete")
     return torch.load(path, map_location="cpu", weights_only=True)

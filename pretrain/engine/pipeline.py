@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pretrain.engine.checkpoint import load_weights_file
 from pretrain.model.encoder import attention_mask
 from pretrain.model.objectives import IGNORE_INDEX
 
@@ -113,9 +114,6 @@ def load_pipeline_state(tag_dir: Path, n_layers: int) -> dict[str, torch.Tensor]
     """The plain model's state dict from a pipeline checkpoint's per-layer files."""
     state = {}
     for idx in range(n_layers + 2):
-        path = tag_dir / f"layer_{idx:02d}-model_states.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} missing: the pipeline checkpoint is incomplete")
-        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+        for key, value in load_weights_file(tag_dir / f"layer_{idx:02d}-model_states.pt").items():
             state[to_model_key(idx, key, n_layers)] = value
     return state
