@@ -33,7 +33,7 @@ from pretrain.model import IGNORE_INDEX
 
 # Additive counters (summed over batches, then over ranks).
 SUM_KEYS = (
-    "batches", "sequences", "tokens", "top1", "top5", "topk", "loss_sum", "cos_sum", "nll_sum",
+    "batches", "sequences", "tokens", "top1", "top5", "topk", "loss_sum", "cos_sum",
     "decode_vectors", "decode_seconds", "recall_queries", "recall1_sum", "recallk_sum",
 )
 
@@ -142,8 +142,6 @@ def evaluate(
             sums["cos_sum"] += float(F.cosine_similarity(outputs, table[targets].float(), dim=-1).sum())
             if decoder.index_kind != "flat" and sum(len(p) for p in recall_pool) < recall_queries:
                 recall_pool.append(outputs.cpu())
-        else:
-            sums["nll_sum"] += float(F.cross_entropy(outputs, targets, reduction="sum"))
 
         if len(examples) < num_examples:
             predicted = torch.full_like(flat_labels, IGNORE_INDEX).cpu()
@@ -205,5 +203,6 @@ def _metrics(sums: dict, model, decoder, topk: int, k: int, vocab_size: int) -> 
                 f"recall@{k}": sums["recallk_sum"] / sums["recall_queries"],
             }
     else:
-        metrics["perplexity"] = math.exp(min(sums["nll_sum"] / tokens, 700.0))
+        # The softmax head's loss is the mean cross-entropy, i.e. the NLL: no second pass over the logits.
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
     return metrics
