@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from pretrain.data.tokenizer import file_sha256
+
 if TYPE_CHECKING:
     from pretrain.config import Config
 
@@ -41,12 +43,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class ExportError(ValueError):
     """An export directory that is incomplete, tampered with or inconsistent; the message names the file."""
-
-
-def _sha256(path: Path) -> str:
-    from pretrain.data.tokenizer import file_sha256
-
-    return file_sha256(path)
 
 
 # Writing ---------------------------------------------------------------------------------------
@@ -113,7 +109,7 @@ def write_export(
         "dtype": dtype,
         "vocab_size": int(vocab_size),
         "config": dict(config),
-        "files": {name: {"sha256": _sha256(out_dir / name), "bytes": (out_dir / name).stat().st_size} for name in (WEIGHTS_FILE, *copies, *extra_files)},
+        "files": {name: {"sha256": file_sha256(out_dir / name), "bytes": (out_dir / name).stat().st_size} for name in (WEIGHTS_FILE, *copies, *extra_files)},
         **(extra or {}),
     }
     tmp = out_dir / (CONFIG_FILE + ".tmp")
@@ -155,7 +151,7 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
             raise ExportError(f"{cfg_path}: no sha256 recorded for {name}; re-run `pretrain export`")
         if not path.is_file():
             raise ExportError(f"{path} missing from the export; re-run `pretrain export`")
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != expected:
             raise ExportError(
                 f"{path}: sha256 {actual[:12]}… does not match {expected[:12]}… recorded in {CONFIG_FILE} "
@@ -268,7 +264,7 @@ def _run_table(cfg, meta: dict, run_dir: Path, tokenizer_sha: str, vocab_size: i
         return None
     if not path.is_file():
         raise FileNotFoundError(f"target table {path} of run {run_dir} not found; run the export from the directory the run was trained in")
-    if _sha256(path) != meta["targets_sha256"]:
+    if file_sha256(path) != meta["targets_sha256"]:
         raise ValueError(f"{path} changed since run {run_dir} was trained (sha256 differs from the checkpoint's meta.json); "
                          "export needs the table the run used (rebuild it with the run's config, or retrain)")
     load_target_table(path, tokenizer_sha256=tokenizer_sha, vocab_size=vocab_size)
@@ -304,7 +300,7 @@ def load_run_model(run_dir: str | Path, *, tag: str | None = None) -> RunModel:
     state_dict, cfg, meta = load_model_state(run_dir, tag=tag)
     data_manifest = load_manifest(cfg.data_dir)
     tokenizer_path = cfg.data_dir / data_manifest.get("tokenizer_file", "tokenizer.model")
-    tokenizer_sha = _sha256(tokenizer_path)
+    tokenizer_sha = file_sha256(tokenizer_path)
     if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != tokenizer_sha:
         raise ValueError(f"{tokenizer_path} changed since run {run_dir} was trained (sha256 differs from the checkpoint's meta.json); "
                          "use the tokenizer the run was trained with")
