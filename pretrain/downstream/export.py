@@ -249,16 +249,15 @@ def _data_summary(manifest: dict) -> dict[str, Any]:
             if isinstance(info, dict) and isinstance(info.get("samples"), int) and isinstance(info.get("tokens"), int)}
 
 
-def _run_table(cfg, meta: dict, run_dir: Path, tokenizer_sha: str, vocab_size: int) -> Path | None:
-    """The target table the run trained with (the learned one for learned targets), hash-checked."""
+def _run_table(cfg, meta: dict, run_dir: Path, tokenizer_sha: str, vocab_size: int) -> tuple[Path, torch.Tensor] | None:
+    """(path, rows) of the target table the run trained with (the learned one for learned targets), hash-checked."""
     from pretrain.targets.table import load_target_table
 
     path = Path(meta.get("targets_path") or cfg.targets_path)
     if not meta.get("targets_sha256"):  # softmax run that never read a table: ship one only if it fits
         if path.is_file():
             try:
-                load_target_table(path, tokenizer_sha256=tokenizer_sha, vocab_size=vocab_size)
-                return path
+                return path, load_target_table(path, tokenizer_sha256=tokenizer_sha, vocab_size=vocab_size)[0]
             except ValueError as exc:
                 log.warning("not exporting %s with this softmax run: %s", path, exc)
         return None
@@ -267,8 +266,7 @@ def _run_table(cfg, meta: dict, run_dir: Path, tokenizer_sha: str, vocab_size: i
     if file_sha256(path) != meta["targets_sha256"]:
         raise ValueError(f"{path} changed since run {run_dir} was trained (sha256 differs from the checkpoint's meta.json); "
                          "export needs the table the run used (rebuild it with the run's config, or retrain)")
-    load_target_table(path, tokenizer_sha256=tokenizer_sha, vocab_size=vocab_size)
-    return path
+    return path, load_target_table(path, tokenizer_sha256=tokenizer_sha, vocab_size=vocab_size)[0]
 
 
 @dataclass
@@ -294,7 +292,6 @@ def load_run_model(run_dir: str | Path, *, tag: str | None = None) -> RunModel:
     from pretrain.data.tokenizer import load_tokenizer
     from pretrain.engine.checkpoint import load_model_state
     from pretrain.model import build_model
-    from pretrain.targets.table import load_target_table
 
     run_dir = Path(run_dir)
     state_dict, cfg, meta = load_model_state(run_dir, tag=tag)
@@ -306,8 +303,7 @@ def load_run_model(run_dir: str | Path, *, tag: str | None = None) -> RunModel:
                          "use the tokenizer the run was trained with")
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer.get_piece_size()
-    targets_path = _run_table(cfg, meta, run_dir, tokenizer_sha, vocab_size)
-    table = load_target_table(targets_path)[0] if targets_path else None
+    targets_path, table = _run_table(cfg, meta, run_dir, tokenizer_sha, vocab_size) or (None, None)
     # Fails before anything is written if the consolidated weights do not fit the architecture.
     model = build_model(cfg, vocab_size, target_table=table, special_ids=data_manifest.get("special_ids"))
     model.load_state_dict(match_state(state_dict, model.state_dict(), f"checkpoint of {run_dir}"), strict=True)
