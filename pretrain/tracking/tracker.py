@@ -388,8 +388,7 @@ class Tracker(NullTracker):
         metrics: list[Metric] = []
 
         def send_metrics() -> None:
-            for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
-                self._client.log_batch(self.run_id, metrics=metrics[i : i + _MAX_METRICS_PER_BATCH])
+            self._log_batches("metrics", metrics, _MAX_METRICS_PER_BATCH)
             metrics.clear()
 
         for record in records:
@@ -400,13 +399,10 @@ class Tracker(NullTracker):
             send_metrics()
             if op == "params":
                 params = [Param(k, v) for k, v in record["params"].items() if self._logged_params.get(k) != v]
-                for i in range(0, len(params), _MAX_PARAMS_PER_BATCH):
-                    self._client.log_batch(self.run_id, params=params[i : i + _MAX_PARAMS_PER_BATCH])
+                self._log_batches("params", params, _MAX_PARAMS_PER_BATCH)
                 self._logged_params.update((p.key, p.value) for p in params)
             elif op == "tags":
-                tags = [RunTag(k, v) for k, v in record["tags"].items()]
-                for i in range(0, len(tags), _MAX_PARAMS_PER_BATCH):
-                    self._client.log_batch(self.run_id, tags=tags[i : i + _MAX_PARAMS_PER_BATCH])
+                self._log_batches("tags", [RunTag(k, v) for k, v in record["tags"].items()], _MAX_PARAMS_PER_BATCH)
             elif op == "artifact":
                 self._send_artifact(Path(record["path"]), record.get("artifact_path"))
             elif op == "status":
@@ -414,6 +410,11 @@ class Tracker(NullTracker):
             else:
                 raise ValueError(f"unknown tracking record {op!r} in {self.pending_path}")
         send_metrics()
+
+    def _log_batches(self, kind: str, entities: list, per_request: int) -> None:
+        """MLflow's log_batch in requests of at most ``per_request`` metrics, params or tags."""
+        for i in range(0, len(entities), per_request):
+            self._client.log_batch(self.run_id, **{kind: entities[i : i + per_request]})
 
     def _send_artifact(self, path: Path, artifact_path: str | None) -> None:
         if path.is_dir():

@@ -188,3 +188,29 @@ def test_ui_without_a_store_is_a_clean_error(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert cli_main(["ui", str(tmp_path), "--port", "99999"]) == 1
     assert "--port 99999 is not a TCP port (1-65535)" in capsys.readouterr().err
+
+
+def test_records_larger_than_one_mlflow_request_are_sent_whole(tmp_path):
+    """MLflow takes at most 1000 metrics / 100 params or tags per request: bigger records are split."""
+    run_dir = tmp_path / "big"
+    tracker = Tracker(run_dir)
+    sizes = []  # (kind, entities) per request; a local store takes any size, a server does not
+    send = tracker._client.log_batch
+
+    def spy(run_id, **batch):
+        sizes.extend((kind, len(items)) for kind, items in batch.items() if items)
+        return send(run_id, **batch)
+
+    tracker._client.log_batch = spy
+    tracker.log_params({f"p{i:03d}": i for i in range(250)})
+    tracker.set_tags({f"t{i:03d}": i for i in range(130)})
+    tracker.log_metrics({f"m{i:04d}": float(i) for i in range(2500)}, step=1)
+    tracker.close()
+    _, run = _only_run(run_dir)
+    assert len(run.data.params) == 250 and run.data.params["p249"] == "249"
+    assert {k for k in run.data.tags if k.startswith("t")} == {f"t{i:03d}" for i in range(130)}
+    assert len(run.data.metrics) == 2500 and run.data.metrics["m2499"] == 2499.0
+    assert not (run_dir / tracker_mod.PENDING).exists()
+    assert [n for kind, n in sizes if kind == "metrics"] == [1000, 1000, 500]
+    assert [n for kind, n in sizes if kind == "params"] == [100, 100, 50]
+    assert [n for kind, n in sizes if kind == "tags"] == [100, 30]
