@@ -40,6 +40,7 @@ import hashlib
 import io
 import logging
 import math
+import multiprocessing
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +336,20 @@ class _ShardDataset(IterableDataset):
         return _WorkerStream(self.spec, worker, state).items()
 
 
+def worker_start_context():
+    """How DataLoader workers start: forked from a forkserver, never from this process.
+
+    By the time a loader is iterated, a training process runs threads (gloo, DeepSpeed, tqdm's
+    monitor); a fork() of a process with threads can deadlock the child on a lock another thread
+    held (seen: a worker stuck inside fork() at the start of a ZeRO-3 run, the job hung). The
+    forkserver is a fresh single-threaded process that imports this module once; each worker is
+    then a cheap fork of it.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 # The loader ----------------------------------------------------------------------------------
 
 class ResumableLoader:
@@ -356,7 +371,8 @@ class ResumableLoader:
         if spec.num_workers == 0:
             items = iter(dataset)
         else:
-            items = iter(DataLoader(dataset, batch_size=None, num_workers=spec.num_workers))
+            items = iter(DataLoader(dataset, batch_size=None, num_workers=spec.num_workers,
+                                    multiprocessing_context=worker_start_context()))
         for item in items:
             state = item.pop("_state")
             self._states[state["worker"]] = state
