@@ -71,13 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         # User-facing errors carry their own fix; no traceback from deep inside.
         if args.verbose:
             raise
         print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    if "torch.distributed" in sys.modules:  # train / eval may have started a process group
+        from pretrain.engine.distributed import shutdown_distributed
+
+        shutdown_distributed()  # every rank gets here after a normal return
+    return status
 
 
 if __name__ == "__main__":

@@ -118,3 +118,17 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
     log.info("rank %d/%d (local %d) via %s, master %s:%d, backend %s", env.rank, env.world_size, env.local_rank,
              env.launcher, env.master_addr, env.master_port, backend)
     return env
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down before the interpreter exits (a no-op when none was started).
+
+    Left to interpreter teardown, gloo's worker threads can outlive Python and abort the process
+    ("terminate called without an active exception", exit 134): a finished SLURM task then counts
+    as failed. Call it only after a normal return on every rank: destroying the group while another
+    rank still waits in a collective (after an exception) would hang instead.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -65,3 +65,23 @@ def test_softmax_head_needs_no_target_table(setup):
     cfg = load_config(base, ["model.head=softmax", "model.init_embeddings_from_targets=false", f"targets.path={root / 'absent.safetensors'}"])
     inputs = load_run_inputs(cfg, world_size=1)
     assert inputs.table is None and inputs.vocab_size == 1000 and "targets_sha256" not in inputs.hashes
+
+
+def test_a_finished_run_shuts_its_process_group_down(setup, tmp_path):
+    """Left to interpreter teardown, gloo threads can abort a finished rank (exit 134 under srun)."""
+    import os
+    import subprocess
+    import sys
+
+    from engine_launch import LAUNCHER_VARS
+
+    base, good, _, _ = setup
+    args = ["train", str(base), "targets.dim=16", f"targets.path={good}", f"train.run_dir={tmp_path / 'run'}",
+            "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "train.steps=2",
+            "train.checkpoint_every=2", "train.progress=false", "tracking.enabled=false"]
+    script = ("import sys, torch.distributed as dist; from pretrain.cli import main; "
+              f"status = main({args!r}); print('status', status, 'initialized', dist.is_initialized())")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "status 0 initialized False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
