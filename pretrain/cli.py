@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ran_distributed = False  # set by main() when it shut a process group down
+
+
 def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty():
         # Logs (CI, SLURM job files): a progress line every 30 s instead of every step.
@@ -78,12 +81,29 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    global _ran_distributed
     if "torch.distributed" in sys.modules:  # train / eval may have started a process group
         from pretrain.engine.distributed import shutdown_distributed
 
-        shutdown_distributed()  # every rank gets here after a normal return
+        _ran_distributed = shutdown_distributed() or _ran_distributed  # every rank got here normally
     return status
 
 
+def entry() -> None:
+    """`pretrain` and `python -m pretrain`: main(), then the exit.
+
+    After a distributed run everything is written, closed and flushed here, and the process ends
+    without interpreter teardown, in which gloo threads that DeepSpeed keeps alive can abort a
+    finished rank (exit 134, a failed SLURM task). main() itself never exits: tests call it in-process.
+    """
+    status = main()
+    if _ran_distributed:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

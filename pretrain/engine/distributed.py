@@ -120,15 +120,18 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
     return env
 
 
-def shutdown_distributed() -> None:
-    """Tear the process group down before the interpreter exits (a no-op when none was started).
+def shutdown_distributed() -> bool:
+    """Tear the process group down; True if there was one (False: nothing was started).
 
-    Left to interpreter teardown, gloo's worker threads can outlive Python and abort the process
-    ("terminate called without an active exception", exit 134): a finished SLURM task then counts
-    as failed. Call it only after a normal return on every rank: destroying the group while another
-    rank still waits in a collective (after an exception) would hang instead.
+    Call it only after a normal return on every rank: destroying the group while another rank
+    still waits in a collective (after an exception) would hang instead. DeepSpeed keeps references
+    to the groups, so their gloo threads can live on into interpreter teardown and abort the process
+    there ("terminate called without an active exception", exit 134): the command-line entry point
+    therefore ends such a process without that teardown (cli.entry).
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
