@@ -70,7 +70,7 @@ def _neg_log_cm(kappa, v, APPROX: tl.constexpr):
 def _pointwise_loss_kernel(
     pred_ptr, ids_ptr, table_ptr, neg_ids_ptr, scale_ptr,
     loss_ptr, dpred_ptr, dtable_ptr,
-    N, D, stride_pred, stride_table,
+    N, D, stride_pred, stride_table, stride_dpred,
     ignore_index, v, lambda1, lambda2, lam, margin,
     KIND: tl.constexpr, APPROX: tl.constexpr, SCALE_PER_ROW: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, TABLE_GRAD: tl.constexpr,
@@ -185,7 +185,8 @@ def _pointwise_loss_kernel(
             dp += (g_kappa_neg * inv_kappa_exact)[:, None] * p + g_pn[:, None] * n
         # Ignored rows get an explicit 0 (the buffer is uninitialised).
         row_mask = row_ok[:, None] & (cols[None, :] < D)
-        tl.store(dpred_ptr + pred_offsets, tl.where(valid[:, None], dp * scale[:, None], 0.0), mask=row_mask)
+        dpred_offsets = rows.to(tl.int64)[:, None] * stride_dpred + cols[None, :]
+        tl.store(dpred_ptr + dpred_offsets, tl.where(valid[:, None], dp * scale[:, None], 0.0), mask=row_mask)
         if TABLE_GRAD:
             tl.atomic_add(dtable_ptr + safe_ids[:, None] * D + cols[None, :], de * scale[:, None], mask=tile_mask)
             if KIND == 7:
@@ -219,6 +220,8 @@ def loss_rows_and_grads(
     n_rows, dim = pred.shape
     if kind.startswith("vmf"):
         check_approx(params.vmf_approx, dim)
+    # Rows may be strided (a column slice of a wider tensor): the kernels take a row stride, but
+    # need unit column stride; ids and negatives are read densely.
     pred = pred.contiguous() if pred.stride(-1) != 1 else pred
     table = table.contiguous() if table.stride(-1) != 1 else table
     ids = ids.contiguous()
@@ -228,15 +231,16 @@ def loss_rows_and_grads(
         negative_ids = most_violating_negatives(pred, ids, table, ignore_index)
     compute_grad = want_pred_grad or want_table_grad
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=pred.device)
-    dpred = torch.empty_like(pred) if compute_grad else loss_rows
+    # Dense [N, D] whatever pred's strides (empty_like would copy a view's layout only sometimes).
+    dpred = torch.empty((n_rows, dim), dtype=pred.dtype, device=pred.device) if compute_grad else loss_rows
     dtable = torch.zeros(table.shape, dtype=torch.float32, device=table.device) if want_table_grad else loss_rows
     if scale is None:
         scale = torch.ones((), dtype=torch.float32, device=pred.device)
     block_n, block_d, num_warps = block_sizes(dim)
     _pointwise_loss_kernel[(triton.cdiv(n_rows, block_n),)](
-        pred, ids, table, negative_ids if negative_ids is not None else ids, scale,
+        pred, ids, table, negative_ids.contiguous() if negative_ids is not None else ids, scale.contiguous(),
         loss_rows, dpred, dtable,
-        n_rows, dim, pred.stride(0), table.stride(0),
+        n_rows, dim, pred.stride(0), table.stride(0), dim,
         ignore_index, dim / 2.0 - 1.0, params.vmf_lambda1, params.vmf_lambda2, params.vmf_lambda, params.margin,
         KIND=KIND_IDS[kind], APPROX=APPROX_IDS[params.vmf_approx], SCALE_PER_ROW=scale.dim() > 0,
         COMPUTE_GRAD=compute_grad, TABLE_GRAD=want_table_grad,
