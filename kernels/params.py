@@ -23,6 +23,9 @@ VMF_LOSSES = ("vmf", "vmf_reg1", "vmf_reg2", "vmf_practice")
 REDUCTIONS = ("mean", "sum", "none")
 # Norm clamp: x / max(‖x‖, EPS), as torch.nn.functional.normalize does.
 EPS = 1e-8
+# Syn-margins: below this ‖r‖ (μ within ~1e-4 rad of ±ê_t) float32 cannot resolve the synthetic
+# negative's direction, so μ·u contributes no slope there (kernel and reference alike).
+SYN_SLOPE_FLOOR = 1e-4
 
 
 @dataclass(frozen=True)

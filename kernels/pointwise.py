@@ -46,10 +46,27 @@ def _log1p(x):
 
 
 @triton.jit
+def _row_norm(x):
+    """‖x‖ per row of a [BLOCK_N, BLOCK_D] tile; rescaled by max|x| where Σx² overflows float32."""
+    plain = tl.sqrt(tl.sum(x * x, axis=1))
+    biggest = tl.max(tl.abs(x), axis=1)
+    scaled = x / tl.where(biggest > 0.0, biggest, 1.0)[:, None]
+    return tl.where(plain < 1e30, plain, biggest * tl.sqrt(tl.sum(scaled * scaled, axis=1)))
+
+
+@triton.jit
+def _hypot(a, b):
+    """√(a² + b²) without overflowing for κ ≳ 1e19 (κ² > float32 max)."""
+    big = tl.maximum(a, b)
+    ratio = tl.minimum(a, b) / tl.where(big > 0.0, big, 1.0)
+    return big * tl.sqrt(1.0 + ratio * ratio)
+
+
+@triton.jit
 def _neg_log_cm(kappa, v, APPROX: tl.constexpr):
     """(−log C_m(κ), d/dκ of it) in closed form; m = 2v + 2. Same formulas as vmf_normaliser.py."""
     if APPROX == 0:
-        s = tl.sqrt(v * v + kappa * kappa)
+        s = _hypot(tl.zeros_like(kappa) + v, kappa)
         t = v / s
         t2 = t * t
         poly = 1.0 + (3.0 - 5.0 * t2) / (24.0 * s) + (81.0 - 462.0 * t2 + 385.0 * t2 * t2) / (1152.0 * s * s)
@@ -62,7 +79,7 @@ def _neg_log_cm(kappa, v, APPROX: tl.constexpr):
             a = v + 1.0
         else:
             a = v - 1.0
-        root = tl.sqrt(a * a + kappa * kappa)
+        root = _hypot(tl.zeros_like(kappa) + a, kappa)
         return root - (v - 1.0) * tl.log(v - 1.0 + root), kappa / (v - 1.0 + root)
 
 
@@ -89,8 +106,8 @@ def _pointwise_loss_kernel(
     p = tl.load(pred_ptr + pred_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     e = tl.load(table_ptr + target_offsets, mask=tile_mask, other=0.0).to(tl.float32)
 
-    kappa = tl.sqrt(tl.sum(p * p, axis=1))
-    norm_e = tl.sqrt(tl.sum(e * e, axis=1))
+    kappa = _row_norm(p)
+    norm_e = _row_norm(e)
     dot = tl.sum(p * e, axis=1)
     inv_k = 1.0 / tl.maximum(kappa, 1e-8)
     inv_e = 1.0 / tl.maximum(norm_e, 1e-8)
@@ -138,7 +155,7 @@ def _pointwise_loss_kernel(
     elif KIND == 7:  # margin against a gathered negative row
         neg_ids = tl.load(neg_ids_ptr + rows, mask=valid, other=0).to(tl.int64)
         n = tl.load(table_ptr + neg_ids[:, None] * stride_table + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        norm_n = tl.sqrt(tl.sum(n * n, axis=1))
+        norm_n = _row_norm(n)
         inv_n = 1.0 / tl.maximum(norm_n, 1e-8)
         cos_neg = tl.sum(p * n, axis=1) * inv_k * inv_n
         hinge = margin + cos_neg - cos
@@ -146,18 +163,34 @@ def _pointwise_loss_kernel(
         loss = tl.maximum(hinge, 0.0)
         l_cos = -active
         l_cos_neg = active
-    elif KIND == 8:  # syn-margin, u_orth: μ·u = (1 − c²)/‖μ − c·ê_t‖
-        width = tl.sqrt(tl.maximum(1.0 - cos * cos, 0.0))
-        hinge = margin + (1.0 - cos * cos) / tl.maximum(width, 1e-8) - cos
+    else:  # syn-margins: the negative u is synthesised from μ and ê_t (reference.py has the formulas)
+        # ‖μ‖, ‖ê_t‖ as F.normalize leaves them: exactly 1, or below 1 for a norm under EPS.
+        mu_norm = tl.where(kappa >= 1e-8, 1.0, kappa * 1e8)
+        target_norm = tl.where(norm_e >= 1e-8, 1.0, norm_e * 1e8)
+        c = tl.minimum(tl.maximum(cos, -1.0), 1.0)
+        mu = p * inv_k[:, None]
+        unit_e = e * inv_e[:, None]
+        # μ·u from a residual vector, not from 1 − c² (c's rounding would become ~3e-4 at c = ±1).
+        if KIND == 8:  # u_orth: μ·u = ‖μ − c·ê_t‖
+            resid = mu - c[:, None] * unit_e
+            width = tl.sqrt(tl.sum(resid * resid, axis=1))
+            neg_cos = width
+            slope = -c / tl.maximum(width, 1e-30)
+        else:  # u_diff: μ·u = (‖μ − ê_t‖² + ‖μ‖² − ‖ê_t‖²) / (2‖μ − ê_t‖)
+            resid = mu - unit_e
+            width = tl.sqrt(tl.sum(resid * resid, axis=1))
+            norms_differ = mu_norm != target_norm
+            neg_cos = 0.5 * width + tl.where(
+                norms_differ, (mu_norm * mu_norm - target_norm * target_norm) / (2.0 * tl.maximum(width, 1e-30)), 0.0
+            )
+            slope = -0.5 / tl.maximum(width, 1e-30)
+        # No slope through u where its direction is unresolved (params.SYN_SLOPE_FLOOR) or a row is zero.
+        slope_ok = (width > 1e-4) & (mu_norm == 1.0) & (target_norm == 1.0)
+        hinge = margin + neg_cos - c
         active = (hinge > 0.0).to(tl.float32)
         loss = tl.maximum(hinge, 0.0)
-        l_cos = active * (-cos / tl.maximum(width, 1e-8) - 1.0)
-    else:  # syn-margin, u_diff: μ·u = (1 − c)/‖μ − ê_t‖
-        width = tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0))
-        hinge = margin + (1.0 - cos) / tl.maximum(width, 1e-8) - cos
-        active = (hinge > 0.0).to(tl.float32)
-        loss = tl.maximum(hinge, 0.0)
-        l_cos = active * (-0.5 / tl.maximum(width, 1e-8) - 1.0)
+        c_inside = (cos >= -1.0) & (cos <= 1.0)  # clamp(c): no slope outside [−1, 1]
+        l_cos = tl.where(c_inside, active * (tl.where(slope_ok, slope, 0.0) - 1.0), 0.0)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_ok)
 
     if COMPUTE_GRAD:

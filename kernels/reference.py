@@ -13,6 +13,7 @@ c = cos(p, e) = μ·ê_t. Norms are clamped at EPS like F.normalize. Per token:
     margin            max(0, γ + cos(p, E_j*) − c),  j* = argmax_{j≠y} cos(p, E_j) − cos(e, E_j)
     syn_margin_orth   max(0, γ + μ·u − c),  u = normalise(μ − c·ê_t)   (Bhat et al. 2019)
     syn_margin_diff   max(0, γ + μ·u − c),  u = normalise(μ − ê_t)
+                      (c clamped to [−1, 1]; μ·u computed stably: synthetic_negative_cos)
 
 The synthetic negatives u are part of the graph (not detached). The margin's negative j* is a
 selection (no gradient flows through the argmax); it is searched over the whole table in token chunks
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pretrain_kernels.params import EPS, LossParams
+from pretrain_kernels.params import EPS, SYN_SLOPE_FLOOR, LossParams
 from pretrain_kernels.vmf_normaliser import log_cm
 
 # Token chunk of the reference negative search: chunk × V scores (16 MiB) at a time.
@@ -90,13 +91,49 @@ def per_token_loss_valid(
         return neg_log_cm + torch.log1p(kappa) * (params.vmf_lambda - cos)
     if kind == "margin":
         negative_cos = _row_dot(mu, F.normalize(negative, dim=-1, eps=EPS))
-    elif kind == "syn_margin_orth":
-        negative_cos = _row_dot(mu, F.normalize(mu - cos[:, None] * unit_target, dim=-1, eps=EPS))
-    elif kind == "syn_margin_diff":
-        negative_cos = _row_dot(mu, F.normalize(mu - unit_target, dim=-1, eps=EPS))
+        return torch.relu(params.margin + negative_cos - cos)
+    if kind in ("syn_margin_orth", "syn_margin_diff"):
+        cos = cos.clamp(-1.0, 1.0)
+        return torch.relu(params.margin + synthetic_negative_cos(kind, pred, target, mu, unit_target, cos) - cos)
+    raise ValueError(f"unknown continuous loss {kind!r}")
+
+
+def synthetic_negative_cos(
+    kind: str, pred: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, unit_target: torch.Tensor, cos: torch.Tensor
+) -> torch.Tensor:
+    """μ·u of the syn-margins, from a residual vector r (accurate where μ ≈ ±ê_t):
+
+        u_orth = r/‖r‖, r = μ − c·ê_t:   μ·u = ‖r‖            (= √(1 − c²))
+        u_diff = r/‖r‖, r = μ − ê_t:     μ·u = (‖r‖² + ‖μ‖² − ‖ê_t‖²) / (2‖r‖)   (= √((1 − c)/2))
+
+    Normalising r itself (the textbook form) divides rounding noise by its own size at c = ±1: the
+    loss at p = −3·E[y] came out anywhere in [0.5, 2.4] in float32 instead of γ + 1.
+    Zero rows (‖p‖ or ‖e‖ = 0): μ or ê_t is 0 as F.normalize leaves it, so c = 0 and μ·u = ‖μ‖ for
+    u_orth, (‖μ‖² − ‖ê_t‖² + ‖r‖²)/(2‖r‖) for u_diff: a zero prediction's loss is γ (no direction, so
+    no similarity to either side). Where u's direction is unresolved (‖r‖ ≤ SYN_SLOPE_FLOOR) or a
+    row is zero, μ·u has no slope (a subgradient at the cone's tip).
+    """
+    # ‖μ‖ and ‖ê_t‖: exactly 1 (so that they cancel exactly), or below 1 for a norm under EPS.
+    mu_norm = (pred.norm(dim=-1) / EPS).clamp(max=1.0)
+    target_norm = (target.norm(dim=-1) / EPS).clamp(max=1.0)
+    if kind == "syn_margin_orth":
+        width = _safe_norm(mu - cos[:, None] * unit_target)
+        negative_cos = width
     else:
-        raise ValueError(f"unknown continuous loss {kind!r}")
-    return torch.relu(params.margin + negative_cos - cos)
+        width = _safe_norm(mu - unit_target)
+        norms_differ = mu_norm != target_norm
+        negative_cos = 0.5 * width + torch.where(
+            norms_differ, (mu_norm**2 - target_norm**2) / (2.0 * width.clamp_min(1e-30)), torch.zeros_like(width)
+        )
+    slope_ok = (width > SYN_SLOPE_FLOOR) & (mu_norm == 1.0) & (target_norm == 1.0)
+    return torch.where(slope_ok, negative_cos, negative_cos.detach())
+
+
+def _safe_norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖ per row, with a zero (not NaN) gradient at x = 0."""
+    squared = (x * x).sum(dim=-1)
+    positive = squared > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, squared, torch.ones_like(squared))), torch.zeros_like(squared))
 
 
 def per_token_loss(

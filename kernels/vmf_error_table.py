@@ -17,7 +17,7 @@ import json
 import numpy as np
 import torch
 
-from pretrain_kernels.vmf_normaliser import APPROXIMATIONS, dlog_cm_approx, log_cm_approx, log_cm_exact_numpy
+from pretrain_kernels.vmf_normaliser import APPROXIMATIONS, DEBYE_MIN_DIM, dlog_cm_approx, log_cm_approx, log_cm_exact_numpy
 
 DIMS = (4, 8, 16, 32, 64, 128, 300, 512, 1024, 2048)
 KAPPAS = np.logspace(-3, 5, 161)
@@ -29,6 +29,8 @@ def error_table(dims=DIMS, kappas=KAPPAS) -> list[dict]:
     for m in dims:
         exact, dexact = log_cm_exact_numpy(m, kappas)
         for approx in APPROXIMATIONS:
+            if approx == "debye" and m < DEBYE_MIN_DIM:
+                continue  # refused by the API (its gradient is off by up to 118% there)
             diff = log_cm_approx(kappa_t, m, approx).numpy() - exact
             deriv_rel = np.abs(dlog_cm_approx(kappa_t, m, approx).numpy() - dexact) / np.abs(dexact)
             worst = int(np.argmax(deriv_rel))

@@ -11,6 +11,7 @@ from pretrain_kernels import tolerances
 from pretrain_kernels.vmf_error_table import error_table
 from pretrain_kernels.vmf_normaliser import (
     APPROXIMATIONS,
+    DEBYE_MIN_DIM,
     _log_series,
     dlog_cm_approx,
     log_bessel_iv_and_ratio,
@@ -83,10 +84,21 @@ def test_series_agrees_with_scipy_where_both_work(v, kappas):
     np.testing.assert_allclose(_log_series(v, kappa), want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
-def test_exact_rejects_kappa_that_is_not_positive_and_finite(bad):
-    with pytest.raises(ValueError, match="finite κ > 0"):
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_exact_rejects_kappa_that_is_negative_or_not_finite(bad):
+    with pytest.raises(ValueError, match="finite κ ≥ 0"):
         log_cm_exact_numpy(64, np.array([1.0, bad]))
+
+
+@pytest.mark.parametrize("m", [4, 64, 1024])
+def test_exact_at_kappa_zero_is_the_finite_limit(m):
+    # An all-zero prediction row: log C_m(0) = −(m/2)·log 2π + v·log 2 + log Γ(v+1) (the uniform
+    # density on the sphere), derivative 0; the point next to it is within its slope of that.
+    v = m / 2 - 1
+    want = -m / 2 * math.log(2 * math.pi) + v * math.log(2) + math.lgamma(v + 1)
+    value, deriv = log_cm_exact_numpy(m, np.array([0.0, 1e-3]))
+    assert value[0] == pytest.approx(want, rel=1e-14) and deriv[0] == 0.0
+    assert abs(value[1] - value[0]) <= 1e-3 * abs(deriv[1]) + 1e-12
 
 
 def test_exact_autograd_passes_gradcheck():
@@ -95,10 +107,14 @@ def test_exact_autograd_passes_gradcheck():
 
 
 @pytest.mark.parametrize("approx", APPROXIMATIONS)
-@pytest.mark.parametrize("m", [4, 64, 1024])
+@pytest.mark.parametrize("m", [4, 8, 64, 1024])
 def test_closed_form_derivative_is_the_derivative_of_the_value(approx, m):
     # The kernels use the hand-written derivative; it must be the true derivative of the value.
     kappa = torch.logspace(-3, 5, 41, dtype=torch.float64).requires_grad_(True)
+    if approx == "debye" and m < DEBYE_MIN_DIM:
+        with pytest.raises(ValueError, match="vmf_exact=true"):
+            log_cm_approx(kappa, m, approx)
+        return
     (autograd_deriv,) = torch.autograd.grad(log_cm_approx(kappa, m, approx).sum(), kappa)
     torch.testing.assert_close(dlog_cm_approx(kappa.detach(), m, approx), autograd_deriv, rtol=1e-12, atol=1e-15)
 
