@@ -143,20 +143,19 @@ def per_token_loss(
     kind: str,
     params: LossParams,
     ignore_index: int = -100,
-    upcast: bool = True,
     negative_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[N] loss per row of pred [N, D] (0 at ignored rows; float32, or float64 when computing in
-    float64); gradients reach pred and table.
+    """[N] loss per row of pred [N, D] (0 at ignored rows; float32, or float64 for float64 inputs);
+    gradients reach pred and table, in their dtypes.
 
-    Computes in float32 (float64 inputs: float64) like the kernels; upcast=False computes in the
-    inputs' own dtype (the "same dtype in plain PyTorch" baseline of the tolerance rule).
+    Computes in float32 (float64 inputs: float64) like the kernels: for bf16 inputs this is also the
+    "plain PyTorch at the same storage dtype" baseline of the tolerance rule (tolerances.py).
     negative_ids [N]: the margin's negatives, if already chosen (else searched here).
     """
     valid = target_ids != ignore_index
     rows = valid.nonzero().squeeze(1)
     ids = target_ids[rows]
-    compute_dtype = torch.promote_types(pred.dtype, torch.float32) if upcast else pred.dtype
+    compute_dtype = torch.promote_types(pred.dtype, torch.float32)
     cast = lambda t: t.to(compute_dtype)  # noqa: E731
     pred_rows = cast(pred[rows])
     negative = None

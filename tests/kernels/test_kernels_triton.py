@@ -33,15 +33,20 @@ def _loss_and_grads(fn, pred, table, reduction, weights):
     return loss.detach(), pred.grad, table.grad
 
 
-def _reference(kind, ids, reduction, params, upcast=True, negative_ids=None):
+def _reference(kind, ids, reduction, params, negative_ids=None):
     def fn(pred, table):
-        rows = reference.per_token_loss(pred, ids, table, kind, params, IGNORE, upcast=upcast, negative_ids=negative_ids)
+        rows = reference.per_token_loss(pred, ids, table, kind, params, IGNORE, negative_ids=negative_ids)
         return reduce_rows(rows, ids != IGNORE, reduction, ids.shape)
 
     return fn
 
 
-def _check_against_truth(kind, pred, ids, table, reduction, params=LossParams()):
+def _kernel(kind, ids, reduction, params):
+    return lambda p, t: pk.continuous_loss(p, ids, t, kind, reduction, IGNORE, impl="triton", **params.as_dict())
+
+
+def _compare_with_truth(kind, pred, ids, table, reduction, params=LossParams(), kernel=None):
+    """[(output name, ok, message)] of the tolerance rule for the loss, dL/dpred and dL/dtable."""
     dtype = pred.dtype
     weights = torch.linspace(0.5, 1.5, ids.numel())
     negative_ids = None
@@ -49,21 +54,23 @@ def _check_against_truth(kind, pred, ids, table, reduction, params=LossParams())
         # In bf16 a near-tie may pick another (equally violating) negative: compare the loss given the
         # kernel's choice; the search itself is tested below.
         negative_ids = max_margin.most_violating_negatives(pred, ids, table, IGNORE)
-    kernel = _loss_and_grads(
-        lambda p, t: pk.continuous_loss(p, ids, t, kind, reduction, IGNORE, impl="triton", **params.as_dict()),
-        pred, table, reduction, weights,
-    )
+    got = _loss_and_grads(kernel or _kernel(kind, ids, reduction, params), pred, table, reduction, weights)
     truth = _loss_and_grads(
-        _reference(kind, ids, reduction, params, negative_ids=negative_ids), pred.double(), table.double(), reduction, weights.double()
+        _reference(kind, ids, reduction, params, negative_ids), pred.double(), table.double(), reduction, weights.double()
     )
-    same_dtype = _loss_and_grads(
-        _reference(kind, ids, reduction, params, upcast=False, negative_ids=negative_ids), pred, table, reduction, weights.to(dtype)
-    )
-    assert kernel[1].dtype == dtype and kernel[2].dtype == dtype
-    for name, got, want, baseline in zip(("loss", "dpred", "dtable"), kernel, truth, same_dtype):
-        ok, message = tolerances.kernel_matches(got, want, baseline, dtype)
-        assert ok, f"{kind} {dtype} {reduction} {name}: {message}"
-    assert torch.all(kernel[1][ids == IGNORE] == 0)
+    # Plain PyTorch at the same storage dtype: float32 arithmetic, gradients in the inputs' dtype.
+    same_dtype = _loss_and_grads(_reference(kind, ids, reduction, params, negative_ids), pred, table, reduction, weights)
+    assert got[1].dtype == dtype and got[2].dtype == dtype and got[0].dtype == torch.float32
+    assert torch.all(got[1][ids == IGNORE] == 0)
+    return [
+        (name, *tolerances.kernel_matches(*outputs))
+        for name, outputs in zip(("loss", "dpred", "dtable"), zip(got, truth, same_dtype))
+    ]
+
+
+def _check_against_truth(kind, pred, ids, table, reduction, params=LossParams()):
+    for name, ok, message in _compare_with_truth(kind, pred, ids, table, reduction, params):
+        assert ok, f"{kind} {pred.dtype} {reduction} {name}: {message}"
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -72,6 +79,24 @@ def _check_against_truth(kind, pred, ids, table, reduction, params=LossParams())
 def test_kernel_matches_reference_on_odd_shapes(kind, dtype, reduction):
     pred, ids, table = _case(47, 300, 101, dtype)
     _check_against_truth(kind, pred, ids, table, reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["cosine", "vmf", "margin", "syn_margin_orth"])
+def test_the_check_rejects_a_loss_value_off_by_one_percent(kind, dtype):
+    # The tolerance must catch a wrong value: the kernel's loss times 1.01 (gradients untouched) fails
+    # in every dtype, and so does the kernel's vMF plus 5 nats, which the old bf16 rule let through.
+    pred, ids, table = _case(47, 300, 101, dtype, seed=9)
+    params = LossParams()
+    real = _kernel(kind, ids, "mean", params)
+    mutations = {"×1.01": lambda p, t: (lambda loss: loss + 0.01 * loss.detach())(real(p, t))}
+    if kind == "vmf":
+        mutations["+5 nats"] = lambda p, t: real(p, t) + 5.0
+    assert all(ok for _, ok, _ in _compare_with_truth(kind, pred, ids, table, "mean", params)), "unmutated must pass"
+    for label, mutated in mutations.items():
+        verdicts = {name: (ok, message) for name, ok, message in _compare_with_truth(kind, pred, ids, table, "mean", params, mutated)}
+        assert not verdicts["loss"][0], f"{kind} {dtype} loss {label} passed: {verdicts['loss'][1]}"
+        assert verdicts["dpred"][0]  # only the value was changed
 
 
 @pytest.mark.parametrize("kind", ["cosine", "vmf_practice", "margin"])
