@@ -116,3 +116,45 @@ def test_exact_vmf_on_an_all_zero_row_is_the_kappa_to_zero_limit():
     want = float(8 * mpmath.log(2 * mpmath.pi) - 7 * mpmath.log(2) - mpmath.loggamma(8))
     torch.testing.assert_close(rows, torch.full((2,), want), rtol=1e-6, atol=0)
     torch.testing.assert_close(pred.grad, -table[[0, 3]])  # ∂(−pᵀe)/∂p; the normaliser's slope is 0 at κ = 0
+
+
+@pytest.fixture(scope="module")
+def bessel_oracle():
+    """m -> (κ grid 1e-3..1e4, −log C_m(κ), I_{m/2}/I_{m/2−1}) from mpmath at 60 digits."""
+    mpmath.mp.dps = 60
+    kappas = [10.0 ** (k / 4) for k in range(-12, 17)]  # 29 points, 4 per decade
+    out = {}
+    for m in (16, 300):
+        v = mpmath.mpf(m) / 2 - 1
+        neg_log_cm, ratio = [], []
+        for k in kappas:
+            k = mpmath.mpf(k)
+            iv = mpmath.besseli(v, k)
+            neg_log_cm.append(float(mpmath.mpf(m) / 2 * mpmath.log(2 * mpmath.pi) + mpmath.log(iv) - v * mpmath.log(k)))
+            ratio.append(float(mpmath.besseli(v + 1, k) / iv))
+        out[m] = (torch.tensor(kappas, dtype=torch.float64), torch.tensor(neg_log_cm, dtype=torch.float64), torch.tensor(ratio, dtype=torch.float64))
+    return out
+
+
+@pytest.mark.parametrize("m", [16, 300])
+def test_kernel_vmf_normaliser_from_kappa_1e_3_to_1e4_against_mpmath(m, bessel_oracle):
+    # vmf_reg2 with λ2 = 0 is the normaliser alone: loss −log C_m(κ), gradient (Bessel ratio)·μ. Bounds:
+    # the Debye form's documented error plus float32 rounding of its terms; dropping any term of the
+    # closed form exceeds them.
+    from pretrain_kernels import tolerances
+
+    kappas, want_value, want_ratio = bessel_oracle[m]
+    gen = torch.Generator().manual_seed(m)
+    table = F.normalize(torch.randn(2, m, generator=gen, dtype=torch.float64), dim=-1).float()
+    direction = F.normalize(torch.randn(m, generator=gen, dtype=torch.float64), dim=0).float().double()
+    pred = (kappas[:, None] * direction).float()
+    ids = torch.zeros(len(kappas), dtype=torch.long)
+    got_value, grad = _loss_rows_and_grad(pred, ids, table, "vmf_reg2", "triton", vmf_lambda2=0.0)
+    v = m / 2 - 1
+    s = torch.hypot(kappas, torch.tensor(v, dtype=torch.float64))
+    float32_budget = 8 * 2.0**-24 * (s + v * torch.log(v + s) + 1)
+    value_err = (got_value - want_value).abs()
+    assert torch.all(value_err <= tolerances.bound_for(tolerances.DEBYE_VALUE_ERR, m) + float32_budget), value_err.max()
+    got_ratio = grad @ direction
+    ratio_err = ((got_ratio - want_ratio) / want_ratio).abs()
+    assert torch.all(ratio_err <= tolerances.bound_for(tolerances.RATIO_REL_ERR["debye"], m) + 1e-5), ratio_err.max()
