@@ -16,22 +16,27 @@ from pretrain_kernels.losses import flatten_inputs, use_triton
 from pretrain_kernels.params import LossParams, check_kind
 
 
-def _chunk_loss_and_grads(pred, ids, table, kind, params, ignore_index, scale, triton, want_table_grad):
-    """(sum of the chunk's loss × scale, d/dpred, d/dtable or None) for one chunk of projected rows."""
+def _chunk_loss_and_grads(pred, ids, table, kind, params, ignore_index, scale, triton, grad_table):
+    """(sum of the chunk's loss × scale, d/dpred) for one chunk of projected rows; d/dtable is added
+    into grad_table (float32 [V, D]) when it is given."""
+    want_table_grad = grad_table is not None
     if triton:
         from pretrain_kernels.pointwise import loss_rows_and_grads
 
-        loss_rows, grad_pred, grad_table = loss_rows_and_grads(
-            pred, ids, table, kind, params, ignore_index, scale, want_pred_grad=True, want_table_grad=want_table_grad
+        loss_rows, grad_pred, _ = loss_rows_and_grads(
+            pred, ids, table, kind, params, ignore_index, scale,
+            want_pred_grad=True, want_table_grad=want_table_grad, table_grad_out=grad_table,
         )
-        return (loss_rows.sum() * scale).squeeze(), grad_pred, grad_table
+        return (loss_rows.sum() * scale).squeeze(), grad_pred
     with torch.enable_grad():
         pred_leaf = pred.detach().requires_grad_(True)
         table_leaf = table.detach().requires_grad_(True) if want_table_grad else table
         loss = reference.per_token_loss(pred_leaf, ids, table_leaf, kind, params, ignore_index).sum() * scale
         inputs = [pred_leaf, table_leaf] if want_table_grad else [pred_leaf]
         grads = torch.autograd.grad(loss, inputs)
-    return loss.detach().squeeze(), grads[0], (grads[1] if want_table_grad else None)
+    if want_table_grad:
+        grad_table += grads[1]
+    return loss.detach().squeeze(), grads[0]
 
 
 def fused_linear_loss_and_grads(
@@ -79,8 +84,8 @@ def fused_linear_loss_and_grads(
         rows = slice(start, start + chunk_size)
         hidden_chunk = hidden2d[rows]
         pred = torch.nn.functional.linear(hidden_chunk, weight, bias)
-        chunk_loss, grad_pred, chunk_grad_table = _chunk_loss_and_grads(
-            pred, ids[rows], table, kind, loss_params, ignore_index, scale, triton, want_table_grad
+        chunk_loss, grad_pred = _chunk_loss_and_grads(
+            pred, ids[rows], table, kind, loss_params, ignore_index, scale, triton, grad_table
         )
         loss += chunk_loss
         grad_pred = grad_pred.to(weight.dtype)
@@ -88,8 +93,6 @@ def fused_linear_loss_and_grads(
         grad_weight.addmm_(grad_pred.T.float(), hidden_chunk.float())
         if grad_bias is not None:
             grad_bias += grad_pred.float().sum(dim=0)
-        if grad_table is not None:
-            grad_table += chunk_grad_table
     cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
     return (
         loss,

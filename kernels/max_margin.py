@@ -95,8 +95,9 @@ def most_violating_negatives(pred: torch.Tensor, ids: torch.Tensor, table: torch
         raise ValueError("the margin loss needs a target table with at least 2 rows (a negative besides the target)")
     pred = pred.contiguous() if pred.stride(-1) != 1 else pred
     table = table.contiguous() if table.stride(-1) != 1 else table
-    # One pass over the table for its row norms (V floats), so the tiles need no reduction for them.
-    inv_norm = 1.0 / torch.linalg.vector_norm(table.float(), dim=-1).clamp_min(EPS)
+    # One pass over the table for its row norms (V floats), so the tiles need no reduction for them;
+    # accumulated in float32 without a float32 copy of the table (512 MiB at V=256k, D=512).
+    inv_norm = 1.0 / torch.linalg.vector_norm(table, dim=-1, dtype=torch.float32).clamp_min(EPS)
     out = torch.empty(n_rows, dtype=torch.int64, device=pred.device)
     block_n, block_v, block_d = search_blocks(dim)
     _negative_search_kernel[(triton.cdiv(n_rows, block_n),)](

@@ -247,9 +247,12 @@ def loss_rows_and_grads(
     want_pred_grad: bool = False,
     want_table_grad: bool = False,
     negative_ids: torch.Tensor | None = None,
+    table_grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One launch: loss per row [N] (float32, 0 at ignored rows) and optionally dL/dpred (pred's dtype)
-    and dL/dtable (float32), each row's gradient multiplied by `scale` (a 0-dim or [N] tensor)."""
+    and dL/dtable (float32), each row's gradient multiplied by `scale` (a 0-dim or [N] tensor).
+    table_grad_out: a float32 [V, D] buffer that dL/dtable is added into (and returned), so that
+    chunked callers keep one accumulator instead of allocating and zeroing V×D per chunk."""
     n_rows, dim = pred.shape
     if kind.startswith("vmf"):
         check_approx(params.vmf_approx, dim)
@@ -266,7 +269,14 @@ def loss_rows_and_grads(
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=pred.device)
     # Dense [N, D] whatever pred's strides (empty_like would copy a view's layout only sometimes).
     dpred = torch.empty((n_rows, dim), dtype=pred.dtype, device=pred.device) if compute_grad else loss_rows
-    dtable = torch.zeros(table.shape, dtype=torch.float32, device=table.device) if want_table_grad else loss_rows
+    if want_table_grad and table_grad_out is not None:
+        if table_grad_out.shape != table.shape or table_grad_out.dtype != torch.float32 or not table_grad_out.is_contiguous():
+            raise ValueError(f"table_grad_out must be a contiguous float32 {tuple(table.shape)} tensor")
+        dtable = table_grad_out
+    elif want_table_grad:
+        dtable = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+    else:
+        dtable = loss_rows
     if scale is None:
         scale = torch.ones((), dtype=torch.float32, device=pred.device)
     block_n, block_d, num_warps = block_sizes(dim)

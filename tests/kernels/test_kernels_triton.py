@@ -242,3 +242,20 @@ def test_strided_inputs_give_the_contiguous_results(kind):
         assert not (p.is_contiguous() and i.is_contiguous() and t.is_contiguous()), layout
         for name, got, expected in zip(("loss", "dpred", "dtable"), run(p, i, t), want):
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6, msg=f"{kind} {layout} {name}")
+
+
+def test_table_gradient_accumulates_into_the_callers_buffer():
+    # The fused head passes one float32 [V, D] accumulator to every chunk (no V×D zeros per chunk).
+    pred, ids, table = _case(47, 64, 50, torch.float32, seed=10)
+    scale = torch.tensor(0.5)
+    _, _, fresh = pointwise.loss_rows_and_grads(pred, ids, table, "margin", LossParams(), IGNORE, scale, want_table_grad=True)
+    buffer = torch.ones(table.shape)
+    _, _, returned = pointwise.loss_rows_and_grads(
+        pred, ids, table, "margin", LossParams(), IGNORE, scale, want_table_grad=True, table_grad_out=buffer
+    )
+    assert returned is buffer
+    torch.testing.assert_close(buffer, fresh + 1.0)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        pointwise.loss_rows_and_grads(
+            pred, ids, table, "cosine", LossParams(), IGNORE, want_table_grad=True, table_grad_out=buffer.double()
+        )
