@@ -20,9 +20,9 @@ from pretrain_kernels.pointwise import interpreting
 
 @triton.jit
 def _negative_search_kernel(
-    pred_ptr, ids_ptr, table_ptr, inv_norm_ptr, out_ptr,
-    N, V, D, stride_pred, stride_table, ignore_index,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    pred_ptr, ids_ptr, table_ptr, inv_norm_ptr, best_ptr, best_idx_ptr,
+    N, V, D, stride_pred, stride_table, ignore_index, vocab_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -47,9 +47,12 @@ def _negative_search_kernel(
 
     best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int64)
-    for v0 in range(0, V, BLOCK_V):
+    # This program's share of the vocabulary (grid axis 1), a multiple of BLOCK_V.
+    v_start = tl.program_id(1) * vocab_per_split
+    v_end = tl.minimum(v_start + vocab_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
         vocab = v0 + tl.arange(0, BLOCK_V)
-        vocab_ok = vocab < V
+        vocab_ok = vocab < v_end
         scores = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -63,8 +66,10 @@ def _negative_search_kernel(
                 mask=vocab_ok[None, :] & (cols[:, None] < D),
                 other=0.0,
             )
-            if DOT_FP32:
+            if DOT_MODE == "ieee":
                 scores += tl.dot(query, tile.to(tl.float32), input_precision="ieee")
+            elif DOT_MODE == "tf32":
+                scores += tl.dot(query, tile.to(tl.float32), input_precision="tf32")
             else:
                 scores += tl.dot(query.to(tile.dtype), tile)
         inv_norm = tl.load(inv_norm_ptr + vocab, mask=vocab_ok, other=0.0)
@@ -76,7 +81,9 @@ def _negative_search_kernel(
         better = tile_best > best  # strict: earlier tiles win ties
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, tile_idx, best_idx)
-    tl.store(out_ptr + rows, best_idx, mask=row_ok)
+    split_offset = tl.program_id(1).to(tl.int64) * N
+    tl.store(best_ptr + split_offset + rows, best, mask=row_ok)
+    tl.store(best_idx_ptr + split_offset + rows, best_idx, mask=row_ok)
 
 
 def search_blocks(dim: int) -> tuple[int, int, int]:
@@ -87,8 +94,34 @@ def search_blocks(dim: int) -> tuple[int, int, int]:
     return 64, 128, 64
 
 
-def most_violating_negatives(pred: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """j* per row of pred [N, D] (int64 [N]; any value at ignored rows), without an N×V matrix."""
+def dot_mode(table_dtype: torch.dtype) -> str:
+    """Precision of the search's tl.dot: "native" (bf16/fp16 inputs, fp32 accumulation); fp32 tables
+    follow torch's own switch, torch.backends.cuda.matmul.allow_tf32 ("tf32": ~10× the IEEE rate on
+    tensor cores, a near-tie may then pick another equally violating negative; "ieee": the argmax
+    equals the reference's). The interpreter always gets "ieee" (its bf16 tl.dot returns garbage)."""
+    if interpreting():
+        return "ieee"
+    if table_dtype != torch.float32:
+        return "native"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def vocab_splits(n_row_programs: int, vocab_tiles: int, device: torch.device) -> int:
+    """How many programs share one row block's vocabulary: enough for ~4 programs per SM (at N=8192
+    the row blocks alone are 128 programs, fewer than one GPU's SMs); 1 in the interpreter."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(vocab_tiles, triton.cdiv(4 * sms, n_row_programs)))
+
+
+def most_violating_negatives(
+    pred: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, ignore_index: int, splits: int | None = None
+) -> torch.Tensor:
+    """j* per row of pred [N, D] (int64 [N]; any value at ignored rows), without an N×V matrix.
+
+    The vocabulary is cut into `splits` ranges searched by separate programs (default: vocab_splits);
+    the per-range winners are reduced here, lowest range first on ties (= lowest index, like argmax)."""
     n_rows, dim = pred.shape
     vocab = table.shape[0]
     if vocab < 2:
@@ -98,13 +131,22 @@ def most_violating_negatives(pred: torch.Tensor, ids: torch.Tensor, table: torch
     # One pass over the table for its row norms (V floats), so the tiles need no reduction for them;
     # accumulated in float32 without a float32 copy of the table (512 MiB at V=256k, D=512).
     inv_norm = 1.0 / torch.linalg.vector_norm(table, dim=-1, dtype=torch.float32).clamp_min(EPS)
-    out = torch.empty(n_rows, dtype=torch.int64, device=pred.device)
     block_n, block_v, block_d = search_blocks(dim)
-    _negative_search_kernel[(triton.cdiv(n_rows, block_n),)](
-        pred, ids.contiguous(), table, inv_norm, out,
-        n_rows, vocab, dim, pred.stride(0), table.stride(0), ignore_index,
-        # bf16 tl.dot returns garbage in the interpreter (triton 3.9): upcast there.
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, DOT_FP32=table.dtype == torch.float32 or interpreting(),
+    row_programs, vocab_tiles = triton.cdiv(n_rows, block_n), triton.cdiv(vocab, block_v)
+    splits = splits or vocab_splits(row_programs, vocab_tiles, pred.device)
+    if not 1 <= splits <= vocab_tiles:
+        raise ValueError(f"splits={splits}: choose 1..{vocab_tiles} (vocabulary tiles of {block_v})")
+    vocab_per_split = triton.cdiv(vocab_tiles, splits) * block_v
+    splits = triton.cdiv(vocab, vocab_per_split)  # no empty range
+    best = torch.empty((splits, n_rows), dtype=torch.float32, device=pred.device)
+    best_idx = torch.empty((splits, n_rows), dtype=torch.int64, device=pred.device)
+    _negative_search_kernel[(row_programs, splits)](
+        pred, ids.contiguous(), table, inv_norm, best, best_idx,
+        n_rows, vocab, dim, pred.stride(0), table.stride(0), ignore_index, vocab_per_split,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, DOT_MODE=dot_mode(table.dtype),
         num_warps=4,
     )
-    return out
+    if splits == 1:
+        return best_idx[0]
+    winner = best.argmax(dim=0, keepdim=True)  # first maximum: the lowest range wins ties
+    return best_idx.gather(0, winner).squeeze(0)

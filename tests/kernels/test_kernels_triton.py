@@ -142,6 +142,11 @@ def test_tiled_search_equals_brute_force():
     valid = ids != IGNORE
     assert torch.equal(got[valid], want[valid])
     assert torch.equal(got[valid], reference.most_violating_negatives(pred, ids, table)[valid])
+    # The GPU splits each row block's vocabulary over several programs (more programs than row blocks):
+    # 2 and 3 ranges (the last short), reduced on the host side of the kernel, give the same ids.
+    for splits in (2, 3):
+        split_got = max_margin.most_violating_negatives(pred, ids, table, IGNORE, splits=splits)
+        assert torch.equal(split_got[valid], want[valid]), splits
 
 
 def test_tiled_search_in_bf16_picks_a_near_best_negative():
@@ -259,3 +264,20 @@ def test_table_gradient_accumulates_into_the_callers_buffer():
         pointwise.loss_rows_and_grads(
             pred, ids, table, "cosine", LossParams(), IGNORE, want_table_grad=True, table_grad_out=buffer.double()
         )
+
+
+def test_search_dot_precision_follows_torch_tf32_switch(monkeypatch):
+    # On a GPU: bf16 tables use the native bf16 tl.dot; fp32 tables TF32 only when torch allows it.
+    monkeypatch.setattr(max_margin, "interpreting", lambda: False)
+    assert max_margin.dot_mode(torch.bfloat16) == "native"
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert max_margin.dot_mode(torch.float32) == "tf32"
+        matmul.allow_tf32 = False
+        assert max_margin.dot_mode(torch.float32) == "ieee"
+    finally:
+        matmul.allow_tf32 = before
+    monkeypatch.setattr(max_margin, "interpreting", lambda: True)
+    assert max_margin.dot_mode(torch.bfloat16) == "ieee"
