@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 PIP     := $(BIN)/pip --disable-pip-version-check
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: install demo test test-fast test-system bench system-deps clean
+.PHONY: install demo test test-fast test-system bench gpu-check system-deps clean
 
 install: $(STAMP)
 
@@ -37,6 +37,14 @@ test-system: install system-deps
 
 bench: install
 	$(BIN)/pretrain bench all
+
+# One GPU machine, from a fresh clone (<= 8 min): kernels on CUDA, bench loss/decode, kernel bandwidth and
+# a 50-step bf16 training run -> gpu-check/gpu_check.json and gpu_check.md. The GPU extras (FAISS GPU,
+# the fused cross-entropy peers) are optional: a part that needs a missing one says so in the report.
+# CPU_SMOKE=1: every part on tiny shapes on the CPU (CI runs it via tests/test_gpu_check.py).
+gpu-check: install
+	$(if $(CPU_SMOKE),,-$(PIP) install -q -e '.[dev,gpu,bench]')
+	$(BIN)/python scripts/gpu_check.py --out gpu-check $(if $(CPU_SMOKE),--cpu-smoke)
 
 # Debian packages the system tests start for real (needs root; CI runs it).
 system-deps:
