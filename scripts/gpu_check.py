@@ -45,7 +45,7 @@ SHAPES = {
                        "--dim", "512", "--dtype", "bf16", "--losses", "cosine", "vmf_practice", "syn_margin_orth",
                        "--chunk-size", "2048", "--repeats", "5"],
         "bandwidth": {"n": 65536, "d": 512, "v": 32768, "dtype": "bf16", "repeats": 7},
-        "decode": ["--vocab-sizes", "32768", "131072", "262144", "--dim", "512", "--queries", "8192", "--repeats", "3"],
+        "decode": ["--vocab-sizes", "32768", "131072", "262144", "--dim", "512", "--queries", "2048", "--repeats", "3"],
         "train": {"config": "configs/base.yaml", "vocab": 32000, "batch": 8, "seq_len": 512, "steps": 50, "warmup": 3,
                   "overrides": []},
     },
