@@ -66,11 +66,15 @@ class PretrainModel(nn.Module):
             batch = self.objective(batch, generator)
         hidden = self.encode(batch["input_ids"], batch["doc_ids"])
         labels = batch["labels"].reshape(-1)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if self.continuous:
+            # The continuous losses skip ignored rows themselves: no gather, so no .nonzero() host sync.
+            if self.fused_head:
+                return self._fused_continuous_loss(hidden, labels)
+            return self.loss_from_outputs(self.head(hidden), labels)
+        # Softmax: V logits only at target positions (the gather's .nonzero() syncs with the host).
         rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
-        if self.continuous and self.fused_head:
-            return self._fused_continuous_loss(hidden, labels[rows])
-        return self.loss_from_outputs(self.head(hidden), labels[rows])
+        return self.loss_from_outputs(self.head(hidden[rows]), labels[rows])
 
     def loss_table(self) -> torch.Tensor:
         if self.learned_targets is not None:
@@ -106,12 +110,13 @@ class PretrainModel(nn.Module):
 
     @torch.no_grad()
     def _continuous_metrics(self, pred: torch.Tensor, labels: torch.Tensor, table: torch.Tensor) -> dict:
-        if labels.numel() == 0:
-            zero = pred.new_zeros((), dtype=torch.float32)
-            return {"mean_cos": zero, "mean_pred_norm": zero, "n_targets": labels.new_tensor(0)}
+        # Means over the non-ignored rows, computed on the device (no host sync).
+        valid = labels != IGNORE_INDEX
+        n_targets = valid.sum()
         pred = pred.float()
-        cos = F.cosine_similarity(pred, table[labels].float(), dim=-1)
-        return {"mean_cos": cos.mean(), "mean_pred_norm": pred.norm(dim=-1).mean(), "n_targets": labels.new_tensor(labels.numel())}
+        cos = F.cosine_similarity(pred, table[labels.clamp_min(0)].float(), dim=-1)
+        mean = lambda x: (x * valid).sum() / n_targets.clamp_min(1)  # noqa: E731
+        return {"mean_cos": mean(cos), "mean_pred_norm": mean(pred.norm(dim=-1)), "n_targets": n_targets}
 
     # Engine hooks --------------------------------------------------------------------------------
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
