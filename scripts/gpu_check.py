@@ -121,12 +121,13 @@ def _peer_status(cuda: bool) -> dict:
 def part_bench_loss(mode: str, cuda: bool) -> dict:
     bench = _suite("loss", SHAPES[mode]["bench_loss"])
     vocabs = sorted(bench["results"], key=int)
-    summary = {}
-    for vocab in vocabs:
-        rows = bench["results"][vocab]
-        summary[vocab] = {name: {"ms": row.get("ms"), "peak_mib": row.get("peak_mib")} for name, row in rows.items()}
-    largest = bench["results"][vocabs[-1]]
-    targets = _loss_targets(largest, bench["results"], vocabs)
+    # Timed rows only (a peer that could not run may carry a status instead of a time).
+    timed = {
+        vocab: {name: row for name, row in bench["results"][vocab].items() if isinstance(row, dict) and isinstance(row.get("ms"), (int, float))}
+        for vocab in vocabs
+    }
+    summary = {vocab: {name: {"ms": row["ms"], "peak_mib": row.get("peak_mib")} for name, row in rows.items()} for vocab, rows in timed.items()}
+    targets = _loss_targets(timed[vocabs[-1]], timed, vocabs)
     return {"status": "ok", "summary": summary, "peers": _peer_status(cuda), "targets": targets, "bench": bench}
 
 
@@ -146,7 +147,7 @@ def _loss_targets(largest: dict, results: dict, vocabs: list[str]) -> dict:
         out["speedup_vs_fused_ce_met"] = out["speedup_vs_fused_ce"] >= 30
     else:
         out["speedup_vs_fused_ce"] = "not measured: no fused cross-entropy peer ran (see peers)"
-    first, last = results[vocabs[0]][best[0]]["peak_mib"], results[vocabs[-1]][best[0]]["peak_mib"]
+    first, last = results[vocabs[0]][best[0]].get("peak_mib"), results[vocabs[-1]][best[0]].get("peak_mib")
     if first and last:
         out["memory_growth_smallest_to_largest_v"] = round(last / first, 3)
         out["memory_flat_in_v_met"] = last <= 1.5 * first

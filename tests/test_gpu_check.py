@@ -79,3 +79,20 @@ def test_without_a_gpu_the_full_run_is_refused_with_the_smoke_command():
     with pytest.raises(SystemExit) as exc:
         gpu_check.main(["--out", "unused"])
     assert exc.value.code == 2
+
+
+def test_loss_targets_compare_the_fastest_continuous_head_with_softmax_and_the_fused_ce_peers():
+    # The peers run only on CUDA, so their branch is checked on a results table of known figures.
+    gpu_check = _load_script()
+    row = lambda ms, mib: {"ms": ms, "peak_mib": mib}  # noqa: E731
+    results = {
+        "32768": {"softmax": row(100.0, 900), "cosine": row(2.0, 40), "cosine+fused": row(1.5, 10), "liger_flce": row(40.0, 300)},
+        "262144": {"softmax": row(400.0, 7000), "cosine": row(2.0, 40), "cosine+fused": row(2.0, 12), "liger_flce": row(90.0, 400),
+                   "cce": row(50.0, 30)},
+    }
+    targets = gpu_check._loss_targets(results["262144"], results, ["32768", "262144"])
+    assert targets["fastest_continuous"] in ("cosine", "cosine+fused") and targets["speedup_vs_softmax"] == 200.0
+    assert targets["speedup_vs_softmax_met"] is True
+    assert targets["fastest_fused_ce"] == "cce" and targets["speedup_vs_fused_ce"] == 25.0
+    assert targets["speedup_vs_fused_ce_met"] is False
+    assert targets["memory_flat_in_v_met"] is True
