@@ -96,3 +96,42 @@ def search_is_near_best(pred, ids, table, slack: float) -> tuple[bool, str]:
     shortfall = (scores.max(dim=-1).values[valid] - chosen).max().item()
     ok = bool(torch.all(got[valid] != ids[valid])) and shortfall <= slack
     return ok, f"worst shortfall from the best negative {shortfall:.3e} (allowed {slack:.1e})"
+
+
+def strided_layouts(pred, ids, table):
+    """The same values in non-contiguous layouts: (name, pred, ids, table) for a column slice of a wider
+    tensor (row stride > D), a transpose (column stride ≠ 1) with ids read with a step, and every other
+    row of a taller table. The padding is NaN, so reading it shows."""
+    n, d = pred.shape
+    wide_pred = torch.full((n, d + 13), float("nan"), dtype=pred.dtype, device=pred.device)
+    wide_pred[:, 5 : 5 + d] = pred
+    wide_table = torch.full((table.shape[0], d + 7), float("nan"), dtype=table.dtype, device=table.device)
+    wide_table[:, 2 : 2 + d] = table
+    tall_table = torch.full((2 * table.shape[0], d), float("nan"), dtype=table.dtype, device=table.device)
+    tall_table[::2] = table
+    stepped_ids = torch.full((3 * n,), 12345, dtype=ids.dtype, device=ids.device)
+    stepped_ids[::3] = ids
+    yield "column slice", wide_pred[:, 5 : 5 + d], ids, wide_table[:, 2 : 2 + d]
+    yield "transpose", pred.T.contiguous().T, stepped_ids[::3], table.T.contiguous().T
+    yield "row step", pred, ids, tall_table[::2]
+
+
+def strided_layouts_match(kind, pred, ids, table) -> list[tuple[str, bool, str]]:
+    """[(layout, ok, message)]: the kernel's loss rows and both gradients on each strided layout equal
+    those on the contiguous tensors, up to the order of the table gradient's atomic adds on a GPU
+    (1e-5 relative in float32; one ulp, 2^-7 relative, once rounded to bf16)."""
+    weights = torch.linspace(0.5, 1.5, ids.numel(), device=pred.device)
+    run = lambda p, i, t: loss_and_grads(kernel_fn(kind, i, "none", LossParams()), p, t, "none", weights)  # noqa: E731
+    want = run(pred, ids, table)
+    out = []
+    for layout, p, i, t in strided_layouts(pred, ids, table):
+        if p.is_contiguous() and i.is_contiguous() and t.is_contiguous():
+            out.append((layout, False, "layout is contiguous: it tests nothing"))
+            continue
+        ratios = []
+        for got, expected in zip(run(p, i, t), want):
+            rel = 2.0**-7 if got.dtype == torch.bfloat16 else 1e-5
+            allowed = 1e-6 + rel * expected.double().abs().max().item()
+            ratios.append((got.double() - expected.double()).abs().max().item() / allowed)
+        out.append((layout, max(ratios) <= 1.0, f"worst error / allowed over loss, dpred, dtable: {max(ratios):.2e}"))
+    return out

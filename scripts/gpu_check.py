@@ -84,6 +84,15 @@ def part_kernels(mode: str, device) -> dict:
                     results.append(row)
                     if not ok:
                         failures.append(row)
+        # Strided inputs (a column-sliced pred was an out-of-bounds write: an illegal access on a GPU).
+        pred, ids, table = checks.make_case(shape["n"], shape["d"], shape["v"], dtype, seed=3, device=device)
+        for kind in ("cosine", "margin"):
+            for layout, ok, message in checks.strided_layouts_match(kind, pred, ids, table):
+                row = {"kind": kind, "dtype": str(dtype).removeprefix("torch."), "reduction": "none",
+                       "output": f"strided: {layout}", "ok": ok, "detail": message}
+                results.append(row)
+                if not ok:
+                    failures.append(row)
         # The margin's tiled search: bf16 tables use the bf16 tl.dot on a GPU (never run elsewhere).
         pred, ids, table = checks.make_case(shape["n"], shape["d"], shape["v"], dtype, seed=2, device=device)
         slack = 1e-6 if dtype == torch.float32 else 2e-2

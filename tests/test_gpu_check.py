@@ -37,8 +37,9 @@ def test_cpu_smoke_runs_every_part_and_each_produces_figures(smoke_report):
         assert part["status"] == "ok", (name, part.get("error"))
         assert f"## {name}: ok" in summary
     parts = report["parts"]
-    # Kernels: every loss in fp32 and bf16 (loss, both gradients, dtypes, ignored rows) + both searches.
-    assert parts["kernels"]["checks"] == parts["kernels"]["passed"] == 10 * 2 * 5 + 2
+    # Kernels: every loss in fp32 and bf16 (loss, both gradients, dtypes, ignored rows), strided layouts
+    # of two losses, and the negative search, per dtype.
+    assert parts["kernels"]["checks"] == parts["kernels"]["passed"] == 2 * (10 * 5 + 2 * 3 + 1)
     # bench loss: softmax and continuous rows at both vocabulary sizes; the GPU-only peers are named.
     assert len(parts["bench_loss"]["summary"]) == 2
     for rows in parts["bench_loss"]["summary"].values():
