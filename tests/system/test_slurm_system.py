@@ -4,6 +4,9 @@ Three tiny CPU trainings run concurrently (the nodes declare 4 CPUs each, 8 task
 1 node x 2 tasks (local MLflow store), 2 nodes x 2 tasks (MLflow server), and 1 node x 2 tasks that
 receives the warning signal mid-run, checkpoints, requeues itself and resumes. The uninterrupted
 1 x 2 run is the reference for the preempted one: same config, same step count, same losses.
+Every run reads its data with 2 loader workers and accumulates 2 micro-batches per step, and the
+warning signal goes to every process of the job (workers, forkserver and resource tracker too), as
+srun delivers it: the trainer alone must act on it.
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ SIGNAL_AFTER_STEP = 15
 TRAIN_OVERRIDES = [
     "targets.method=random", "targets.dim=16",
     "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
-    "train.micro_batch_size=4", f"train.steps={STEPS}", "train.warmup_steps=5", "train.zero_stage=2",
+    "train.micro_batch_size=4", "train.grad_accum=2", f"train.steps={STEPS}", "train.warmup_steps=5", "train.zero_stage=2",
     "train.checkpoint_every=50", "train.keep_last=10", "train.log_every=1", "train.progress=false",
-    "data.loader_workers=0", "data.shuffle_buffer=0",
+    "data.loader_workers=2", "data.shuffle_buffer=0",
 ]
 JOB_TIMEOUT = 420
 
@@ -74,8 +77,8 @@ def jobs(slurm_cluster, mlflow_server, train_args, tmp_path_factory):
         assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"preempt job {state} before the signal:\n{_tail(preempt['log'])}"
         assert time.monotonic() < deadline, f"preempt job never reached step {SIGNAL_AFTER_STEP}:\n{_tail(preempt['log'])}"
         time.sleep(0.5)
-    # What SLURM does at --signal=B:USR1@N before the time limit: USR1 to the batch shell only.
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(preempt["id"]))
+    # The warning signal to the batch shell and to every process of the step (loader workers included).
+    slurm_cluster.run("scancel", "--signal=USR1", "--full", str(preempt["id"]))
     preempt["signalled_at_step"] = _last_step(preempt["run_dir"])
 
     for job in out.values():
@@ -194,6 +197,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(jobs):
     assert job["info"]["Restarts"] == "1", _tail(job["log"])
     log = job["log"].read_text()
     assert "restart 0] got SIGUSR1" in log and "tasks exited with status 99" in log and "requeueing" in log, log
+    assert "exited unexpectedly" not in log, log  # no loader worker died of the signal
     preempted_at = int(re.search(r"checkpoint of step (\d+) saved", (job["run_dir"] / "train.log").read_text()).group(1))
     assert SIGNAL_AFTER_STEP <= preempted_at < STEPS
     assert (job["run_dir"] / "checkpoints" / f"step-{preempted_at:08d}").is_dir()
