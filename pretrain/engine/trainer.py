@@ -152,6 +152,7 @@ class Trainer:
             return None
         tag_dir = self.ckpt_dir / tag
         meta = ckpt.read_meta(tag_dir)
+        ckpt.verify_checksums(tag_dir, meta)
         if meta.get("world_size") != self.env.world_size:
             raise ConfigError(f"checkpoint {tag_dir} was written by {meta.get('world_size')} processes; this job has "
                               f"{self.env.world_size}. Resume with the same number of processes (or use another run_name)")
@@ -213,7 +214,7 @@ class Trainer:
                             shuffle_buffer=d.shuffle_buffer, on_corrupt_shard=d.on_corrupt_shard)
 
     # Checkpoints ----------------------------------------------------------------------------------
-    def _save(self, step: int) -> Path:
+    def _save(self, step: int, diverged: str | None = None) -> Path:
         meta = {
             **self.inputs.hashes,
             "world_size": self.env.world_size,
@@ -235,7 +236,7 @@ class Trainer:
             return self._write_checkpoint_extras(tag_dir, learned_table)
 
         path = ckpt.save(self.engine, self.ckpt_dir, step, rank=self.env.rank, rank_state=rank_state, meta=meta,
-                         keep_last=self.cfg.train.keep_last, write_extra=write_extra)
+                         keep_last=self.cfg.train.keep_last, write_extra=write_extra, diverged=diverged)
         log.info("checkpoint %s", path)
         return path
 
@@ -420,11 +421,16 @@ class Trainer:
                 while True:
                     time.sleep(60)
             if diverged:
-                self._save(step)
+                reason = (f"training stopped at step {step}: the loss or the gradients were NaN/inf for "
+                          f"{self.guard.in_row} steps in a row (train.max_bad_steps_in_row)")
+                path = self._save(step, diverged=reason)
                 bar.close()
-                log.error("training stopped at step %d: the loss or the gradients were NaN/inf for %d steps in a row "
-                          "(train.max_bad_steps_in_row). A checkpoint was saved; lower train.lr, raise warmup_steps or "
-                          "use train.precision=fp32, then resume", step, self.guard.in_row)
+                healthy = ckpt.latest_tag(self.ckpt_dir)
+                resume = (f"then rerun the same command: it resumes from the last healthy checkpoint {self.ckpt_dir / healthy}"
+                          if healthy else "then rerun the same command: with no healthy checkpoint it starts from step 0")
+                log.error("%s. Its checkpoint %s is kept for inspection only (marked %s: its weights may be ruined, it is "
+                          "never resumed from and never counts toward train.keep_last). Lower train.lr, raise "
+                          "train.warmup_steps or use train.precision=fp32, %s", reason, path, ckpt.DIVERGED, resume)
                 return EXIT_DIVERGED
             if totals["preempt"] > 0:
                 self._save(step)

@@ -2,6 +2,7 @@
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,79 @@ def test_a_deepspeed_load_failure_names_the_checkpoint(tmp_path):
 
     with pytest.raises(ValueError, match=rf"DeepSpeed could not load checkpoint {tag_dir} \(AssertionError: no optimizer files\); delete"):
         ckpt.load(Engine(), tmp_path, tag_dir.name, rank=0)
+
+
+def _flip_tensor_bytes(path, pattern: bytes, count: int) -> None:
+    """Flip the sign bit of `count` stored values (the tensor data, not the file's structure)."""
+    data = bytearray(path.read_bytes())
+    start = data.index(pattern * count)
+    for i in range(count):
+        data[start + i * len(pattern) + len(pattern) - 1] ^= 0x80
+    path.write_bytes(bytes(data))
+
+
+def test_checksums_catch_flipped_tensor_bytes_and_an_edited_data_position(tmp_path):
+    tag_dir = _fake_checkpoint(tmp_path, 5)
+    model_file = tag_dir / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(256)}}, model_file)
+    (tag_dir / ckpt.rank_file(0)).write_text(json.dumps({"rank": 0, "data": {"cursor": 3}}))
+    meta = {"step": 5, "format": ckpt.FORMAT, ckpt.CHECKSUMS: ckpt.checksums(tag_dir)}
+    assert sorted(meta[ckpt.CHECKSUMS]) == ["mp_rank_00_model_states.pt", "rank_00000.json"]
+    ckpt.verify_checksums(tag_dir, meta)  # intact: accepted
+
+    original = model_file.read_bytes()
+    _flip_tensor_bytes(model_file, np.float32(1.0).tobytes(), 100)
+    flipped = torch.load(model_file, weights_only=True)["module"]["w"]
+    assert (flipped == -1).sum() == 100  # still a valid file: only the checksum can tell
+    with pytest.raises(ValueError, match=rf"{model_file} does not match the sha256 recorded .*delete {tag_dir}"):
+        ckpt.verify_checksums(tag_dir, meta)
+    model_file.write_bytes(original)
+
+    (tag_dir / ckpt.rank_file(0)).write_text(json.dumps({"rank": 0, "data": {"cursor": 4}}))  # valid JSON, edited
+    with pytest.raises(ValueError, match=r"rank_00000.json does not match the sha256"):
+        ckpt.verify_checksums(tag_dir, meta)
+    with pytest.raises(ValueError, match="lists no file checksums"):
+        ckpt.verify_checksums(tag_dir, {"step": 5, "format": ckpt.FORMAT})
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A world of one (gloo) for ckpt.save's barriers; torn down after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg-store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class _FakeEngine:
+    """What ckpt.save needs of a DeepSpeed engine: one weights file per checkpoint."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def save_checkpoint(self, save_dir, tag, save_latest):  # noqa: ARG002
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"module": {"w": torch.full((4,), self.value)}}, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+
+
+def _save(ckpt_dir, step, *, diverged=None):
+    return ckpt.save(_FakeEngine(float(step)), ckpt_dir, step, rank=0, rank_state={"rank": 0}, meta={},
+                     keep_last=2, diverged=diverged)
+
+
+def test_the_guards_checkpoint_never_pushes_out_the_last_healthy_one(tmp_path, one_process_group):
+    """Healthy 10 and 20; the guard stops at 26; resumed from 20 it stops again at 27; then healthy 30."""
+    ckpt_dir = tmp_path / ckpt.CHECKPOINTS
+    _save(ckpt_dir, 10), _save(ckpt_dir, 20)
+    diverged = _save(ckpt_dir, 26, diverged="training stopped at step 26")
+    _save(ckpt_dir, 27, diverged="training stopped at step 27")
+    assert ckpt.complete_tags(ckpt_dir) == ["step-00000010", "step-00000020", "step-00000026", "step-00000027"]
+    assert ckpt.is_diverged(diverged) and "step 26" in (diverged / ckpt.DIVERGED).read_text()
+    assert (ckpt_dir / ckpt.LATEST).read_text() == "step-00000020"  # a rerun resumes from the healthy one
+    (ckpt_dir / ckpt.LATEST).unlink()
+    assert ckpt.latest_tag(ckpt_dir) == "step-00000020"  # also without the pointer
+    assert ckpt.healthy_tags(ckpt_dir) == ["step-00000010", "step-00000020"]
+    ckpt.verify_checksums(diverged, ckpt.read_meta(diverged))  # the marker is covered by the checksums
+    _save(ckpt_dir, 30)  # healthy again: the abandoned diverged branch goes, keep_last counts healthy ones
+    assert ckpt.complete_tags(ckpt_dir) == ["step-00000020", "step-00000030"]
