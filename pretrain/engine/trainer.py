@@ -31,6 +31,7 @@ from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.distributed import DistEnv, detect, device_for, init_distributed
 from pretrain.engine.guards import EXIT_DIVERGED, BadStepGuard, GuardedAdamW, check_run_inputs, nan_test_steps
 from pretrain.engine.metrics import MetricsLog, StepStats, Throughput, peak_memory_mb, summarize
+from pretrain.engine.run_lock import RunDirLocked, RunLock
 from pretrain.engine.schedule import lr_for_config, set_lr
 from pretrain.engine.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.model import batch_generator, build_model
@@ -169,6 +170,21 @@ class Trainer:
             raise ConfigError(f"cannot resume {tag_dir} with a different setup: " + "; ".join(conflicts)
                               + ". Restore those values, or use another train.run_name to start a new run")
         return tag
+
+    def _lock_run_dir(self) -> RunLock:
+        """Rank 0 takes the run directory's lock; every rank raises the same refusal if it is held."""
+        lock = RunLock(self.run_dir)
+        refusal = [None]
+        if self.env.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire()
+            except RunDirLocked as exc:
+                refusal = [str(exc)]
+        torch.distributed.broadcast_object_list(refusal, src=0)
+        if refusal[0]:
+            raise RunDirLocked(refusal[0])
+        return lock
 
     def _build_engine(self):
         import deepspeed
@@ -337,17 +353,18 @@ class Trainer:
         resume_tag = self._find_resume()
         init_distributed(self.env)
         self.device = device_for(self.env)
-        if self.env.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, self.run_dir)
-            if self.ckpt_dir.is_dir():
-                ckpt.remove_partials(self.ckpt_dir)
-        torch.distributed.barrier()
-        self._setup_logging()
+        lock = self._lock_run_dir()
         try:
+            if self.env.rank == 0:
+                save_resolved(cfg, self.run_dir)
+                if self.ckpt_dir.is_dir():
+                    ckpt.remove_partials(self.ckpt_dir)
+            torch.distributed.barrier()
+            self._setup_logging()
             return self._train(resume_tag)
         finally:
-            if self._log_handler is not None:
+            lock.release()
+            if getattr(self, "_log_handler", None) is not None:
                 for name in ("", "DeepSpeed"):
                     logging.getLogger(name).removeHandler(self._log_handler)
                 self._log_handler.close()

@@ -85,3 +85,29 @@ def test_a_finished_run_shuts_its_process_group_down(setup, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "status 0 initialized False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_a_second_job_in_a_run_directory_is_refused_naming_the_first(setup, tmp_path):
+    """Two jobs in one directory interleaved their metrics and overwrote each other's checkpoints."""
+    import os
+    import subprocess
+    import sys
+
+    from engine_launch import LAUNCHER_VARS, hold_run_lock
+
+    base, good, _, _ = setup
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = hold_run_lock(run_dir, job_id="777")
+    args = ["train", str(base), "targets.dim=16", f"targets.path={good}", f"train.run_dir={run_dir}",
+            "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "train.steps=2",
+            "train.progress=false", "tracking.enabled=false", "data.loader_workers=0"]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    try:
+        result = subprocess.run([sys.executable, "-m", "pretrain", *args], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"{run_dir} is in use by another training job" in result.stderr and f"pid {holder.pid}, job SLURM_JOB_ID=777" in result.stderr
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.resolved.yaml").exists()
