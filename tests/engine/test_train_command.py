@@ -60,6 +60,21 @@ def test_resume_refuses_another_world_size_and_a_missing_checkpoint(tiny_runs, c
     assert status == 1 and "--resume: no complete checkpoint" in err
 
 
+def test_a_table_with_swapped_rows_is_refused_before_training(setup, capsys, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pretrain.targets.table import TENSOR_NAME, read_table_meta
+
+    base, good, _, _ = setup
+    table = load_file(good)[TENSOR_NAME]
+    table[[3, 4]] = table[[4, 3]]  # still unit rows, same metadata
+    damaged = tmp_path / "damaged.safetensors"
+    save_file({TENSOR_NAME: table}, str(damaged), metadata=read_table_meta(good))
+    status, err = run_train(capsys, str(base), "targets.dim=16", f"targets.path={damaged}", f"train.run_dir={tmp_path / 'run'}")
+    assert status == 1 and f"{damaged}: its values do not match the sha256" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_softmax_head_needs_no_target_table(setup):
     base, _, _, root = setup
     cfg = load_config(base, ["model.head=softmax", "model.init_embeddings_from_targets=false", f"targets.path={root / 'absent.safetensors'}"])
