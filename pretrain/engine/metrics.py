@@ -6,6 +6,7 @@ fingerprint) together with the preemption flag, so ranks also agree on when to s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 # Slots of the per-step all-reduce vector.
 FIELDS = ("loss_sum", "loss_n", "cos_sum", "norm_sum", "cont_n", "acc_sum", "acc_n", "fingerprint", "preempt")
@@ -85,8 +88,26 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for step, line in self._rows() if step <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+
+    def _rows(self) -> list[tuple[int, str]]:
+        """(step, line) of every row. A torn last line (the disk filled during an append) is dropped
+        with a warning: the checkpoint, not this file, says which step comes next."""
+        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append((int(json.loads(line)["step"]), line))
+            except (ValueError, KeyError, TypeError) as exc:
+                if number < len(lines):
+                    raise ValueError(f"{self.path} line {number} is not a metrics row ({exc}); move the file aside "
+                                     "to resume (the checkpoint holds the training state)") from None
+                log.warning("%s: dropping its torn last line %d (%s), probably cut off by a full disk or a crash",
+                            self.path, number, exc)
+        return rows
 
     def write(self, row: dict) -> None:
         if self.enabled:

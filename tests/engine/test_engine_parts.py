@@ -354,3 +354,19 @@ def test_the_guards_checkpoint_never_pushes_out_the_last_healthy_one(tmp_path, o
     ckpt.verify_checksums(diverged, ckpt.read_meta(diverged))  # the marker is covered by the checksums
     _save(ckpt_dir, 30)  # healthy again: the abandoned diverged branch goes, keep_last counts healthy ones
     assert ckpt.complete_tags(ckpt_dir) == ["step-00000020", "step-00000030"]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, enabled=True, resume_step=None)
+    for step in range(1, 5):
+        log.write({"step": step, "loss": 1.0, "grad_norm": 0.5, "tokens_per_s": 1000.0})
+    whole = path.read_text()
+    path.write_text(whole[: len(whole) - 20])  # the disk filled in the middle of the last append
+    with caplog.at_level("WARNING"):
+        MetricsLog(path, enabled=True, resume_step=3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert f"{path}: dropping its torn last line 4" in caplog.text
+    path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')  # damage in the middle is not a torn tail
+    with pytest.raises(ValueError, match=rf"{path} line 2 is not a metrics row"):
+        MetricsLog(path, enabled=True, resume_step=3)
