@@ -19,7 +19,8 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 # Slots of the per-step all-reduce vector.
-FIELDS = ("loss_sum", "loss_n", "cos_sum", "norm_sum", "cont_n", "acc_sum", "acc_n", "fingerprint", "preempt")
+FIELDS = ("loss_sum", "loss_n", "cos_sum", "norm_sum", "cont_n", "acc_sum", "acc_n", "fingerprint", "preempt",
+          "skipped_shards", "skipped_samples")
 
 
 class StepStats:
@@ -61,6 +62,9 @@ def summarize(totals: dict[str, float]) -> dict[str, float]:
     if totals["acc_n"]:
         out["accuracy"] = totals["acc_sum"] / totals["acc_n"]
     out["data_fingerprint"] = int(totals["fingerprint"])
+    # Corrupt shards skipped so far by all ranks (data.on_corrupt_shard=skip).
+    out["skipped_shards"] = int(totals["skipped_shards"])
+    out["skipped_samples"] = int(totals["skipped_samples"])
     return out
 
 

@@ -340,6 +340,21 @@ class Trainer:
             self.engine.step()
             stats.add_micro({**result, "loss": loss})
 
+    def _log_skipped_shards(self, total: int) -> None:
+        """Collective: rank 0 writes every rank's newly skipped corrupt shards to train.log."""
+        import torch.distributed as dist
+
+        entries = [None] * self.env.world_size
+        dist.all_gather_object(entries, [{**e, "rank": self.dp_rank} for e in self.loader.skipped["entries"]] if self.first_stage else [])
+        for entry in sorted((e for rank_entries in entries for e in rank_entries), key=lambda e: (e["epoch"], e["shard"])):
+            key = (entry["rank"], entry["epoch"], entry["shard"])
+            if key not in self._skipped_seen:
+                self._skipped_seen.add(key)
+                log.warning("skipped corrupt shard %s (rank %d, epoch %d, %d samples; data.on_corrupt_shard=skip): %s",
+                            entry["shard"], entry["rank"], entry["epoch"], entry["samples"], entry["error"])
+        log.warning("%d corrupt shard(s) skipped so far", total)
+        self.skipped_shards_logged = total
+
     def _grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else self.grad_norm_at_boundary
@@ -378,6 +393,7 @@ class Trainer:
         self.samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * self.dp_world
         self.tokens_per_step = self.samples_per_step * self.inputs.manifest["seq_len"]
         self.nan_steps = nan_test_steps()
+        self.skipped_shards_logged, self._skipped_seen = 0, set()
         if self.env.rank == 0:
             print(f"run directory: {self.run_dir}", flush=True)
         if start >= cfg.train.steps:
@@ -414,8 +430,13 @@ class Trainer:
             self._train_step(step, stats)
             self._after_optimizer_step()
             stats.values["preempt"] = float(flag.requested)
+            if self.first_stage:  # the stages of one pipeline replica read the same data: count it once
+                corrupt = self.loader.skipped
+                stats.values.update(skipped_shards=corrupt["shards"], skipped_samples=corrupt["samples"])
             totals = stats.reduce(self.device)
             row = summarize(totals)
+            if row["skipped_shards"] > self.skipped_shards_logged:
+                self._log_skipped_shards(row["skipped_shards"])
             skipped = self.optimizer.skipped_last_step or not self.engine.was_step_applied()
             bad = skipped or not math.isfinite(row["loss"])
             diverged = self.guard.update(bad)
@@ -472,5 +493,6 @@ class Trainer:
         dist.all_gather_object(gathered, {"rank": self.env.rank, "stage": stage, "param_digest": digest})
         if self.env.rank == 0:
             summary = {"step": step, "final_loss": last_row.get("loss"), "wall_s": time.perf_counter() - t_start,
-                       "bad_steps": self.guard.total, "ranks": gathered}
+                       "bad_steps": self.guard.total, "skipped_shards": last_row.get("skipped_shards", 0),
+                       "skipped_samples": last_row.get("skipped_samples", 0), "ranks": gathered}
             (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -126,3 +126,42 @@ def test_a_second_job_in_a_run_directory_is_refused_naming_the_first(setup, tmp_
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"{run_dir} is in use by another training job" in result.stderr and f"pid {holder.pid}, job SLURM_JOB_ID=777" in result.stderr
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "config.resolved.yaml").exists()
+
+
+def test_a_skipped_corrupt_shard_is_in_the_log_the_metrics_the_summary_and_mlflow(setup, tiny_data, tmp_path):
+    """Before, a skipped shard showed only as a loader worker's console line."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from engine_launch import LAUNCHER_VARS, metrics_rows
+    from mlflow import MlflowClient
+
+    from pretrain.data.stream import build_loader
+
+    base, good, _, _ = setup
+    data_copy = shutil.copytree(tiny_data.data_dir, tmp_path / "data")
+    spec = build_loader(data_copy, "train", batch_size=8, rank=0, world_size=1, num_workers=0,
+                        seed=load_config(base).data.seed).spec
+    bad_name = spec.shards[spec.worker_shards(0, 0)[0]]["name"]  # the first shard this run reads
+    bad = data_copy / bad_name
+    payload = bytearray(bad.read_bytes())
+    payload[2000] ^= 0xFF  # fails its checksum
+    bad.write_bytes(bytes(payload))
+    run_dir = tmp_path / "run"
+    args = ["train", str(base), f"data.dir={data_copy}", "data.on_corrupt_shard=skip", "data.loader_workers=0",
+            "targets.dim=16", f"targets.path={good}", f"train.run_dir={run_dir}", "model.d_model=32", "model.n_layers=1",
+            "model.n_heads=2", "model.d_ff=64", "train.steps=3", "train.log_every=1", "train.micro_batch_size=8",
+            "train.progress=false"]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    result = subprocess.run([sys.executable, "-m", "pretrain", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipped corrupt shard {bad_name} (rank 0, epoch 0, 256 samples" in (run_dir / "train.log").read_text()
+    assert [r["skipped_shards"] for r in metrics_rows(run_dir)] == [1, 1, 1]
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["skipped_shards"] == 1 and summary["skipped_samples"] == 256
+    record = json.loads((run_dir / "mlflow_run.json").read_text())
+    history = MlflowClient(record["tracking_uri"]).get_metric_history(record["run_id"], "skipped_shards")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 1.0), (3, 1.0)]
