@@ -14,11 +14,17 @@ then fails on its next batch instead of checkpointing. So:
   dies (PR_SET_PDEATHSIG); ``init_loader_worker`` does the same in each worker for the forkserver.
   Without that, a rank killed by SIGKILL left its forkserver, workers and tracker running for good.
   The resource tracker exits by itself once every process holding its pipe is gone.
+- Ignoring TERM also defeats multiprocessing's own exit handler, which terminates (SIGTERM) the
+  daemonic children still running and then joins them: a process whose loader iterator was still
+  alive at exit hung there. ``_kill_loader_workers_at_exit`` runs first (atexit is last in, first
+  out) and ends them with SIGKILL instead.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -46,9 +52,18 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _kill_loader_workers_at_exit() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:  # DataLoader workers are; multiprocessing would terminate them (SIGTERM) and wait
+            child.kill()
+            child.join(timeout=5)
+
+
 @contextlib.contextmanager
 def loader_children():
     """Start the loader's processes inside this: they inherit a mask blocking the preemption signals."""
+    atexit.unregister(_kill_loader_workers_at_exit)  # once, and after multiprocessing's own handler
+    atexit.register(_kill_loader_workers_at_exit)
     os.environ[PARENT_ENV] = str(os.getpid())
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:

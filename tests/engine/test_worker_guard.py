@@ -16,8 +16,8 @@ import pytest
 PROBE = Path(__file__).with_name("loader_probe.py")
 
 
-def _start_probe(data_dir: Path) -> tuple[subprocess.Popen, list[int]]:
-    proc = subprocess.Popen([sys.executable, str(PROBE), str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def _start_probe(data_dir: Path, *args: str) -> tuple[subprocess.Popen, list[int]]:
+    proc = subprocess.Popen([sys.executable, str(PROBE), str(data_dir), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = proc.stdout.readline()
     if not line.startswith("READY"):
@@ -48,3 +48,14 @@ def test_the_loader_processes_die_with_their_rank(tiny_data):
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, f"still running 20 s after their rank died: {alive}"
+
+
+def test_a_process_exits_with_its_loader_still_running(tiny_data):
+    """Workers that ignore TERM must not hang the exit (multiprocessing terminates and joins them)."""
+    proc, _ = _start_probe(tiny_data.data_dir, "--exit")
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the process hung at exit with its loader workers alive")
+    assert proc.returncode == 0
