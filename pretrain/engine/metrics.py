@@ -82,17 +82,28 @@ def _json_safe(value):
 
 
 class MetricsLog:
-    """metrics.jsonl in the run dir (rank 0 only); on resume, rows after the checkpoint are dropped."""
+    """metrics.jsonl in the run dir (rank 0 only); on resume, rows after the checkpoint are dropped.
+
+    The dropped rows are remembered: the resumed run replays those steps, and a replayed row equal
+    to the dropped one (an exact resume) was already sent to MLflow, which would otherwise show the
+    step twice (``already_sent``).
+    """
+
+    # Per-step values that identify a replay of the same step (same data, same numbers).
+    REPLAY_KEYS = ("loss", "lr", "data_fingerprint")
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
         self.path = path
         self.enabled = enabled
+        self.dropped: dict[int, dict] = {}
         if not enabled:
             return
         if resume_step is None:
             self.path.write_text("")
         elif self.path.is_file():
-            kept = [line for step, line in self._rows() if step <= resume_step]
+            rows = self._rows()
+            self.dropped = {step: json.loads(line) for step, line in rows if step > resume_step}
+            kept = [line for step, line in rows if step <= resume_step]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
@@ -112,6 +123,11 @@ class MetricsLog:
                 log.warning("%s: dropping its torn last line %d (%s), probably cut off by a full disk or a crash",
                             self.path, number, exc)
         return rows
+
+    def already_sent(self, row: dict) -> bool:
+        """True for a replayed step whose values equal those logged before the restart."""
+        before = self.dropped.get(row["step"])
+        return before is not None and all(before.get(k) == _json_safe(row.get(k)) for k in self.REPLAY_KEYS)
 
     def write(self, row: dict) -> None:
         if self.enabled:

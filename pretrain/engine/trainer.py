@@ -453,7 +453,8 @@ class Trainer:
                            peak_mem_mb=peak_memory_mb(self.device), skipped=skipped, bad_steps=self.guard.total,
                            elapsed_s=time.perf_counter() - t_start, **self._learned_diagnostics())
                 metrics.write(row)
-                tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
+                if not metrics.already_sent(row):  # replayed after a crash: MLflow has this step already
+                    tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
             if step == pause_at and rank0:
                 log.warning("%s=%d: pausing forever (test hook)", PAUSE_ENV, step)
                 while True:

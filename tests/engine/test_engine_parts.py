@@ -370,3 +370,16 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path, 
     path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')  # damage in the middle is not a torn tail
     with pytest.raises(ValueError, match=rf"{path} line 2 is not a metrics row"):
         MetricsLog(path, enabled=True, resume_step=3)
+
+
+def test_steps_replayed_after_a_crash_are_known_as_already_sent(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, enabled=True, resume_step=None)
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 0.1, "data_fingerprint": 7 * s, "tokens_per_s": 5.0} for s in range(1, 6)]
+    for row in rows:
+        log.write(row)
+    resumed = MetricsLog(path, enabled=True, resume_step=3)
+    assert resumed.already_sent({**rows[3], "tokens_per_s": 9.0})  # step 4 replayed exactly
+    assert not resumed.already_sent({**rows[3], "loss": 0.3})  # step 4 trained differently (e.g. another lr)
+    assert not resumed.already_sent(rows[2])  # kept, not replayed
+    assert not resumed.already_sent({**rows[4], "step": 6})  # new

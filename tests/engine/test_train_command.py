@@ -165,3 +165,41 @@ def test_a_skipped_corrupt_shard_is_in_the_log_the_metrics_the_summary_and_mlflo
     record = json.loads((run_dir / "mlflow_run.json").read_text())
     history = MlflowClient(record["tracking_uri"]).get_metric_history(record["run_id"], "skipped_shards")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 1.0), (3, 1.0)]
+
+
+def test_steps_replayed_after_a_crash_reach_mlflow_once(setup, tmp_path):
+    """SIGKILL after step 3 (checkpoint at 2): the resumed run replays step 3; MLflow shows it once."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from engine_launch import LAUNCHER_VARS, metrics_rows
+    from mlflow import MlflowClient
+
+    from pretrain.engine.trainer import PAUSE_ENV
+
+    base, good, _, _ = setup
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain", "train", str(base), "targets.dim=16", f"targets.path={good}",
+           f"train.run_dir={run_dir}", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
+           "train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.micro_batch_size=8",
+           "train.progress=false", "data.loader_workers=0"]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    first = subprocess.Popen(cmd, env={**env, PAUSE_ENV: "3"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not any(r["step"] == 3 for r in metrics_rows(run_dir)):
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read().decode()[-3000:]
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    record = json.loads((run_dir / "mlflow_run.json").read_text())
+    history = MlflowClient(record["tracking_uri"]).get_metric_history(record["run_id"], "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert [r["loss"] for r in metrics_rows(run_dir)] == [m.value for m in sorted(history, key=lambda m: m.step)]
