@@ -33,6 +33,7 @@ saving that step's checkpoint, after DeepSpeed's files are written and before th
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -57,6 +58,7 @@ FORMAT = 2
 CHECKSUMS = "files"  # meta.json key: {path relative to the tag dir: sha256} of every other file
 CRASH_ENV = "PRETRAIN_TEST_CRASH_IN_SAVE"
 DIVERGED = "DIVERGED.txt"
+DISK_FULL_BYTES = 16 * 2**20  # a failed write with less free space than this is reported as a full disk
 
 
 def tag_for_step(step: int) -> str:
@@ -274,13 +276,47 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (on any rank); the previous complete one is intact.
+
+    A ValueError so that the command line prints it as one line, without a traceback.
+    """
+
+
+def _any_rank(failed: bool) -> bool:
+    """Collective in place of a barrier: True on every rank if any rank failed (none waits alone)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(failed)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _write_failure(exc: BaseException | None, ckpt_dir: Path, step: int, rank: int) -> CheckpointWriteError:
+    """One clear message for rank 0 (disk full or not, and the way back); a pointer to it elsewhere."""
+    if rank != 0:
+        return CheckpointWriteError(f"rank {rank}: the checkpoint of step {step} was not written (see rank 0's message)"
+                                    + (f": {str(exc).splitlines()[0]}" if exc else ""))
+    # torch.save on a full disk says only "unexpected pos ..." or "basic_ios::clear": look at the disk.
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(ckpt_dir).free < DISK_FULL_BYTES
+    last = latest_tag(ckpt_dir)
+    resume = (f"rerun the same command: it resumes from the last complete checkpoint {ckpt_dir / last} "
+              f"(step {int(last.split('-')[1])})" if last else "rerun the same command: with no complete checkpoint it starts from step 0")
+    if full:
+        return CheckpointWriteError(f"disk full at {ckpt_dir}: the checkpoint of step {step} was not written; "
+                                    f"free some space, then {resume}")
+    cause = str(exc).splitlines()[0] if exc else "on another rank"
+    return CheckpointWriteError(f"could not write the checkpoint of step {step} to {ckpt_dir} ({cause}); {resume}")
+
+
 def save(engine, ckpt_dir: Path, step: int, *, rank: int, rank_state: dict, meta: dict,
          keep_last: int, write_extra=None, diverged: str | None = None) -> Path:
     """Collective: every rank calls it. Returns the final tag directory.
 
     write_extra(partial_dir) -> dict runs on rank 0 before the rename (resolved config, learned target
     table); what it returns is added to meta.json. diverged: why the NaN guard stopped the run; the
-    checkpoint is then marked and `latest` stays on the last healthy one.
+    checkpoint is then marked and `latest` stays on the last healthy one. A write that fails on any
+    rank (e.g. a full disk) raises CheckpointWriteError on every rank, the partial directory removed.
     """
     import torch.distributed as dist
 
@@ -290,28 +326,37 @@ def save(engine, ckpt_dir: Path, step: int, *, rank: int, rank_state: dict, meta
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, save_latest=False)
-    _write_atomic(partial / rank_file(rank), json.dumps(rank_state))
+    error = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, save_latest=False)
+        _write_atomic(partial / rank_file(rank), json.dumps(rank_state))
+    except (OSError, RuntimeError) as exc:  # RuntimeError: torch.save's failed writes
+        error = exc
     if os.environ.get(CRASH_ENV) == str(step):
         log.error("%s=%s: simulating a crash in the middle of saving %s", CRASH_ENV, step, partial)
         os.kill(os.getpid(), signal.SIGKILL)
-    dist.barrier()
     final = ckpt_dir / tag
-    if rank == 0:
-        extra_meta = write_extra(partial) if write_extra is not None else {}
-        if diverged:
-            _write_atomic(partial / DIVERGED, diverged + "\n")
-        meta = {**meta, **extra_meta, "format": FORMAT, "tag": tag, "step": step, CHECKSUMS: checksums(partial)}
-        _write_atomic(partial / META, json.dumps(meta, indent=2))
-        _fsync_dir(partial)
-        if final.exists():  # saving the same step again (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        os.rename(partial, final)
-        _fsync_dir(ckpt_dir)
-        if not diverged:
-            _write_atomic(ckpt_dir / LATEST, tag)
-        prune(ckpt_dir, keep_last)
-    dist.barrier()
+    if not _any_rank(error is not None) and rank == 0:
+        try:
+            extra_meta = write_extra(partial) if write_extra is not None else {}
+            if diverged:
+                _write_atomic(partial / DIVERGED, diverged + "\n")
+            meta = {**meta, **extra_meta, "format": FORMAT, "tag": tag, "step": step, CHECKSUMS: checksums(partial)}
+            _write_atomic(partial / META, json.dumps(meta, indent=2))
+            _fsync_dir(partial)
+            if final.exists():  # saving the same step again (e.g. a signal right after a periodic save)
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            _fsync_dir(ckpt_dir)
+            if not diverged:
+                _write_atomic(ckpt_dir / LATEST, tag)
+            prune(ckpt_dir, keep_last)
+        except (OSError, RuntimeError) as exc:
+            error = exc
+    if _any_rank(error is not None):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # frees what the failed save took
+        raise _write_failure(error, ckpt_dir, step, rank)
     return final
 
 

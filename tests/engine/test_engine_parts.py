@@ -383,3 +383,25 @@ def test_steps_replayed_after_a_crash_are_known_as_already_sent(tmp_path):
     assert not resumed.already_sent({**rows[3], "loss": 0.3})  # step 4 trained differently (e.g. another lr)
     assert not resumed.already_sent(rows[2])  # kept, not replayed
     assert not resumed.already_sent({**rows[4], "step": 6})  # new
+
+
+def test_a_full_disk_during_a_save_is_one_clear_message_with_the_way_back(tmp_path, one_process_group, monkeypatch):
+    import collections
+    import shutil
+
+    ckpt_dir = tmp_path / ckpt.CHECKPOINTS
+    _save(ckpt_dir, 10)
+
+    class FullDisk(_FakeEngine):
+        def save_checkpoint(self, save_dir, tag, save_latest):  # noqa: ARG002
+            (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+            torch.save({"w": torch.ones(10_000)}, "/dev/full")  # torch's own words for it: "unexpected pos ..."
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30, 0))
+    with pytest.raises(ckpt.CheckpointWriteError) as info:
+        ckpt.save(FullDisk(0.0), ckpt_dir, 20, rank=0, rank_state={}, meta={}, keep_last=2)
+    assert str(info.value) == (f"disk full at {ckpt_dir}: the checkpoint of step 20 was not written; free some space, "
+                               f"then rerun the same command: it resumes from the last complete checkpoint "
+                               f"{ckpt_dir / 'step-00000010'} (step 10)")
+    assert ckpt.complete_tags(ckpt_dir) == ["step-00000010"] and not list(ckpt_dir.glob("*" + ckpt.PARTIAL))
