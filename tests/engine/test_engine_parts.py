@@ -405,3 +405,21 @@ def test_a_full_disk_during_a_save_is_one_clear_message_with_the_way_back(tmp_pa
                                f"then rerun the same command: it resumes from the last complete checkpoint "
                                f"{ckpt_dir / 'step-00000010'} (step 10)")
     assert ckpt.complete_tags(ckpt_dir) == ["step-00000010"] and not list(ckpt_dir.glob("*" + ckpt.PARTIAL))
+
+
+def test_a_single_process_listens_on_loopback_only():
+    """Without a launcher no rendezvous is needed: no unauthenticated TCP store on every interface."""
+    import os
+    import subprocess
+    import sys
+
+    from engine_launch import LAUNCHER_VARS
+
+    script = ("import psutil; from pretrain.engine.distributed import detect, init_distributed; "
+              "init_distributed(detect()); import torch, torch.distributed as dist; t = torch.ones(1); dist.all_reduce(t); "
+              "print('LISTEN', *sorted({c.laddr.ip for c in psutil.Process().net_connections('tcp') if c.status == 'LISTEN'}))")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    addresses = next(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("LISTEN"))
+    assert all(ip in ("127.0.0.1", "::1") for ip in addresses), addresses
