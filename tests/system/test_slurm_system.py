@@ -138,18 +138,8 @@ def test_rendezvous_across_two_real_nodes(slurm_cluster, tmp_path):
 def test_a_cancelled_job_checkpoints_but_is_not_requeued(slurm_cluster, tmp_path):
     """scancel: the tasks get SIGTERM and exit with EXIT_PREEMPTED (as the trainer does after its
     checkpoint); unlike after the warning signal, the job must stay cancelled."""
-    from pretrain.engine.signals import EXIT_PREEMPTED
-
-    task = tmp_path / "task.sh"
-    task.write_text(f"#!/usr/bin/env bash\ntrap 'echo TASK_GOT_TERM; exit {EXIT_PREEMPTED}' TERM\n"
-                    "echo TASK_STARTED\nsleep 300 & wait\n")
-    task.chmod(0o755)
-    job_id = slurm_cluster.sbatch("slurm/single_node.sbatch", "--command", str(task), options=_options("cancel", 1, tmp_path))
-    log = tmp_path / f"cancel-{job_id}.out"
+    job_id, log = _start_fake_task(slurm_cluster, tmp_path, "cancel")
     deadline = time.monotonic() + 120
-    while "TASK_STARTED" not in (log.read_text() if log.is_file() else ""):
-        assert time.monotonic() < deadline, f"the task never started:\n{_tail(log)}"
-        time.sleep(0.5)
     slurm_cluster.run("scancel", str(job_id))
     while "tasks exited with status" not in log.read_text():
         assert time.monotonic() < deadline, f"job.sh never saw its tasks end:\n{_tail(log)}"
@@ -159,6 +149,38 @@ def test_a_cancelled_job_checkpoints_but_is_not_requeued(slurm_cluster, tmp_path
     text = log.read_text()
     assert "TASK_GOT_TERM" in text and "not requeueing" in text and "requeueing; the next start" not in text, text
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+
+
+def _start_fake_task(slurm_cluster, tmp_path, name: str) -> tuple[int, Path]:
+    """A job whose task exits like a checkpointing trainer on SIGTERM (EXIT_PREEMPTED); (job id, log)."""
+    from pretrain.engine.signals import EXIT_PREEMPTED
+
+    task = tmp_path / "task.sh"
+    task.write_text(f"#!/usr/bin/env bash\ntrap 'echo TASK_GOT_TERM; exit {EXIT_PREEMPTED}' TERM\n"
+                    "echo TASK_STARTED\nsleep 300 & wait\n")
+    task.chmod(0o755)
+    job_id = slurm_cluster.sbatch("slurm/single_node.sbatch", "--command", str(task), options=_options(name, 1, tmp_path))
+    log = tmp_path / f"{name}-{job_id}.out"
+    deadline = time.monotonic() + 120
+    while "TASK_STARTED" not in (log.read_text() if log.is_file() else ""):
+        assert time.monotonic() < deadline, f"the task never started:\n{_tail(log)}"
+        time.sleep(0.5)
+    return job_id, log
+
+
+def test_a_job_slurm_requeues_is_not_reported_as_cancelled(slurm_cluster, tmp_path):
+    """`scontrol requeue` (or a requeueing preemption) also SIGTERMs the job: job.sh must say requeue."""
+    job_id, log = _start_fake_task(slurm_cluster, tmp_path, "requeued")
+    slurm_cluster.run("scontrol", "requeue", str(job_id))
+    deadline = time.monotonic() + 120
+    while "tasks exited with status" not in log.read_text():
+        assert time.monotonic() < deadline, f"job.sh never saw its tasks end:\n{_tail(log)}"
+        time.sleep(0.5)
+    time.sleep(2)  # job.sh's last line
+    text = log.read_text()
+    slurm_cluster.run("scancel", str(job_id))  # it would start again and sleep
+    assert "TASK_GOT_TERM" in text and "stopped by SLURM for a requeue (restart 1 follows)" in text, text
+    assert "cancelled (SIGTERM)" not in text, text
 
 
 def test_single_node_training_completes_with_checkpoint_and_mlflow(jobs):
