@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -169,6 +169,15 @@ class TrainConfig(Section):
     # NaN/inf guard: skip such steps; stop (with a checkpoint) after this many in a row.
     max_bad_steps_in_row: int = Field(5, gt=0)
     progress: bool = True
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_path_component(cls, name: str) -> str:
+        # The run directory is <workdir>/runs/<run_name>: "" or "../.." would put it (and its checkpoints) elsewhere.
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError("must be one directory name (not empty, '.', '..', no '/' or '\\'); "
+                             "to train elsewhere set train.run_dir")
+        return name
 
 
 class EvalConfig(Section):

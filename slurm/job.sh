@@ -68,7 +68,12 @@ while :; do
 done
 say "tasks exited with status $rc"
 
-if [ "$terminated" -eq 1 ]; then
+# SIGTERM is also how SLURM stops a job it requeues itself (`scontrol requeue`, preemption): a requeue
+# has already counted the next start (Restarts), a cancel has not.
+restarts=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.* Restarts=\([0-9]*\).*/\1/p' | head -n 1)
+if [ "$terminated" -eq 1 ] && [ "${restarts:-0}" -gt "${SLURM_RESTART_COUNT:-0}" ]; then
+    say "stopped by SLURM for a requeue (restart ${restarts} follows): the job starts again and resumes from its last checkpoint"
+elif [ "$terminated" -eq 1 ]; then
     say "cancelled (SIGTERM): not requeueing; to resume from its last checkpoint, submit again with RUN_DIR=${RUN_DIR:-<its run dir>}"
 elif [ "$rc" -eq "$EXIT_PREEMPTED" ] || { [ "$warned" -eq 1 ] && [ "$rc" -ne 0 ]; }; then
     if [ "${SLURM_RESTART_COUNT:-0}" -ge "${MAX_REQUEUES:-20}" ]; then

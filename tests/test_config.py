@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,10 @@ def test_shipped_paths_resolve_from_anywhere(tmp_path, monkeypatch, repo_root):
     (tmp_path / "data" / "finetune" / "train.jsonl").write_text("{}\n")
     assert resolve_shipped_path("data/finetune/train.jsonl") == Path("data/finetune/train.jsonl")  # the local file wins
     assert resolve_shipped_path("nowhere.jsonl") == Path("nowhere.jsonl")  # the error will name it as given
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../../..", "a/b", "runs\\x"])
+def test_run_name_must_be_one_directory_name(repo_root, name):
+    with pytest.raises(ConfigError, match=r"train\.run_name: .*must be one directory name .*train\.run_dir"):
+        load_config(repo_root / "configs" / "tiny.yaml", [f"train.run_name={json.dumps(name)}"])
+    assert load_config(repo_root / "configs" / "tiny.yaml", ["train.run_name=exp-1.b"]).run_dir.name == "exp-1.b"

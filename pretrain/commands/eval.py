@@ -6,7 +6,9 @@ logits. Both heads are scored on the same masked positions (eval.seed), so their
 Writes RUN_DIR/eval/report.json (top1, top5, loss, mean_cosine or perplexity, decode vectors/s),
 eval/samples.txt (input, targets and predictions side by side) and, with tracking on, MLflow metrics
 eval/* and the report as an artifact, added to the training run's MLflow run (on its server, if it was
-tracked on one). Several processes (torchrun) split the shards; rank 0 writes.
+tracked on one). Scored on another data set (--data-dir), everything is keyed by that data set's
+name (<dir name>-<manifest sha256 prefix>): RUN_DIR/eval/<name>/report.json, metrics eval/<name>/*,
+so no result overwrites another. Several processes (torchrun) split the shards; rank 0 writes.
 
 Examples (overrides come before the options):
   pretrain eval configs/tiny.yaml train.run_name=continuous
@@ -58,11 +60,13 @@ def run(args: argparse.Namespace) -> int:
                          "drop --tag, or evaluate the run with --run-dir RUN_DIR --tag TAG")
     if args.export:
         subject = subjects.from_export(args.export, data_dir=args.data_dir or cli_cfg.data_dir)
-        out = Path(args.out) if args.out else Path(args.export) / "eval" / "report.json"
+        eval_dir = Path(args.export) / "eval"
     else:
         run_dir = Path(args.run_dir) if args.run_dir else cli_cfg.run_dir
         subject = subjects.from_run(run_dir, tag=args.tag, data_dir=args.data_dir)
-        out = Path(args.out) if args.out else run_dir / "eval" / "report.json"
+        eval_dir = run_dir / "eval"
+    dataset = dataset_key(subject.data_dir, subject.cfg.data_dir)
+    out = Path(args.out) if args.out else eval_dir / (dataset or "") / "report.json"
     model = subject.model.to(device)
     eval_cfg = cli_cfg.eval
     decoder = None
@@ -91,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         "loss_name": subject.cfg.loss.name if model.continuous else "cross_entropy",
         "checkpoint": subject.source,
         "data_dir": str(subject.data_dir),
+        "dataset": dataset or "training data",
         "world_size": env.world_size,
         "skipped_shards": loader.skipped,  # this rank's (data.on_corrupt_shard=skip)
         "eval": eval_cfg.model_dump(mode="json"),
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     tmp.replace(out)
     (out.parent / "samples.txt").write_text(format_samples(samples) + "\n")
     save_resolved(cli_cfg, out.parent)
-    _track(subject, cli_cfg, report, out)
+    _track(subject, cli_cfg, report, out, dataset)
 
     summary = f"top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}  loss {report['loss']:.4f}"
     summary += f"  mean cosine {report['mean_cosine']:.4f}" if model.continuous else f"  perplexity {report['perplexity']:.2f}"
@@ -115,8 +120,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _track(subject, cli_cfg, report: dict, out: Path) -> None:
-    """Metrics eval/* at the checkpoint's step, into the run's MLflow run (or one beside the report)."""
+def dataset_key(data_dir: Path, training_data_dir: Path) -> str | None:
+    """None for the data the model was trained on; else a name for the data set that no other shares."""
+    from pretrain.data.manifest import manifest_sha256
+
+    if Path(data_dir).resolve() == Path(training_data_dir).resolve():
+        return None
+    return f"{Path(data_dir).resolve().name}-{manifest_sha256(data_dir)[:8]}"
+
+
+def _track(subject, cli_cfg, report: dict, out: Path, dataset: str | None) -> None:
+    """Metrics eval/* (eval/<dataset>/* for another data set) at the checkpoint's step, into the run's
+    MLflow run (or one beside the report)."""
     from pretrain.tracking.tracker import is_remote, read_run_record, start_tracking
 
     if not cli_cfg.tracking.enabled:
@@ -135,9 +150,10 @@ def _track(subject, cli_cfg, report: dict, out: Path) -> None:
         numbers["decode_vectors_per_s"] = report["decode"]["vectors_per_s"]
         for key, value in report["decode"].get("recall_against_exact", {}).items():
             numbers[f"decode_{key}"] = value
-        tracker.log_metrics({f"eval/{k}": v for k, v in numbers.items()}, step=int(subject.source.get("step") or 0))
-        tracker.set_tags({f"eval.{k}": v for k, v in report["eval"].items()})
-        tracker.log_artifact(out, artifact_path="eval")
-        tracker.log_artifact(out.parent / "samples.txt", artifact_path="eval")
+        prefix = f"eval/{dataset}" if dataset else "eval"
+        tracker.log_metrics({f"{prefix}/{k}": v for k, v in numbers.items()}, step=int(subject.source.get("step") or 0))
+        tracker.set_tags({f"{prefix.replace('/', '.')}.{k}": v for k, v in report["eval"].items()})
+        tracker.log_artifact(out, artifact_path=prefix)
+        tracker.log_artifact(out.parent / "samples.txt", artifact_path=prefix)
     finally:
         tracker.close()

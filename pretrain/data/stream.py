@@ -60,6 +60,7 @@ from pretrain.data.manifest import (
     split_shards,
 )
 from pretrain.data.shards import npy_array
+from pretrain.engine.worker_guard import init_loader_worker, loader_children
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ def worker_start_context():
     then a cheap fork of it.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload([__name__, "pretrain.engine.worker_guard"])
     return context
 
 
@@ -371,8 +372,9 @@ class ResumableLoader:
         if spec.num_workers == 0:
             items = iter(dataset)
         else:
-            items = iter(DataLoader(dataset, batch_size=None, num_workers=spec.num_workers,
-                                    multiprocessing_context=worker_start_context()))
+            with loader_children():  # deaf to SLURM's / torchrun's signals, dying with this process
+                items = iter(DataLoader(dataset, batch_size=None, num_workers=spec.num_workers,
+                                        multiprocessing_context=worker_start_context(), worker_init_fn=init_loader_worker))
         for item in items:
             state = item.pop("_state")
             self._states[state["worker"]] = state

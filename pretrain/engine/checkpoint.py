@@ -5,8 +5,19 @@ Layout of <run_dir>/checkpoints/:
         meta.json                 step, samples seen, hashes of tokenizer and targets, world size...
         rank_00000.json ...       per rank: data stream state and RNG states
         config.resolved.yaml      the run's resolved config
+        DIVERGED.txt              only in a checkpoint the NaN guard wrote when it stopped the run
     latest                        DeepSpeed's pointer file (the tag), moved last
     zero_to_fp32.py               DeepSpeed's consolidation tool (ZeRO stages >= 1)
+
+Diverged checkpoints: the one the NaN guard writes when it stops a run holds weights that may be
+ruined already. It is kept for inspection but marked (DIVERGED.txt), `latest` stays on the last
+healthy checkpoint (so rerunning resumes from there), it does not count toward keep_last, and it is
+deleted once a newer healthy checkpoint exists. The last healthy checkpoint is never deleted.
+
+Checksums: meta.json records the sha256 of every other file of the checkpoint (``files``), taken by
+rank 0 after the bytes are on disk (fsync); resume and export/eval verify them first, so flipped
+bytes in the tensor data or an edited per-rank data position are refused with the file's name.
+Checkpoints of format 1 (before checksums) load with a warning.
 
 Atomicity: every rank writes into `<tag>.partial/`; once all are done, rank 0 writes meta.json,
 renames the directory to `<tag>` and only then rewrites `latest` (write a temp file, os.replace).
@@ -22,6 +33,7 @@ saving that step's checkpoint, after DeepSpeed's files are written and before th
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -42,8 +54,11 @@ LATEST = "latest"
 META = "meta.json"
 CONFIG = "config.resolved.yaml"
 PARTIAL = ".partial"
-FORMAT = 1
+FORMAT = 2
+CHECKSUMS = "files"  # meta.json key: {path relative to the tag dir: sha256} of every other file
 CRASH_ENV = "PRETRAIN_TEST_CRASH_IN_SAVE"
+DIVERGED = "DIVERGED.txt"
+DISK_FULL_BYTES = 16 * 2**20  # a failed write with less free space than this is reported as a full disk
 
 
 def tag_for_step(step: int) -> str:
@@ -108,15 +123,24 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-") and is_complete(p))
 
 
+def is_diverged(tag_dir: Path) -> bool:
+    return (tag_dir / DIVERGED).is_file()
+
+
+def healthy_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoints not written by the NaN guard, oldest first."""
+    return [t for t in complete_tags(ckpt_dir) if not is_diverged(ckpt_dir / t)]
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag `latest` points to; if the pointer is missing or stale, the newest complete checkpoint."""
+    """The tag `latest` points to; if the pointer is missing or stale, the newest healthy checkpoint."""
     pointer = ckpt_dir / LATEST
     if pointer.is_file():
         tag = pointer.read_text().strip()
         if is_complete(ckpt_dir / tag):
             return tag
-        log.warning("%s points to %r, which is not a complete checkpoint; using the newest complete one", pointer, tag)
-    tags = complete_tags(ckpt_dir)
+        log.warning("%s points to %r, which is not a complete checkpoint; using the newest healthy one", pointer, tag)
+    tags = healthy_tags(ckpt_dir)
     return tags[-1] if tags else None
 
 
@@ -195,6 +219,43 @@ def verify_deepspeed_files(tag_dir: Path) -> None:
                 raise ValueError(f"{path} is damaged ({first_sentence}); {damaged_fix(tag_dir)}") from None
 
 
+def _synced_sha256(path: Path) -> str:
+    """sha256 of a file, after flushing it to disk (DeepSpeed's torch.save does not fsync)."""
+    from pretrain.data.tokenizer import file_sha256
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return file_sha256(path)
+
+
+def checksums(tag_dir: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file of a checkpoint directory except meta.json."""
+    files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != META)
+    return {str(p.relative_to(tag_dir)): _synced_sha256(p) for p in files}
+
+
+def verify_checksums(tag_dir: Path, meta: dict) -> None:
+    """Refuse a checkpoint whose files differ from the sha256 meta.json recorded at save time."""
+    from pretrain.data.tokenizer import file_sha256
+
+    if meta.get("format", 1) < 2:
+        log.warning("%s was written before checkpoints carried checksums: its files cannot be verified", tag_dir)
+        return
+    recorded = meta.get(CHECKSUMS)
+    if not isinstance(recorded, dict) or not recorded:
+        raise ValueError(f"{tag_dir / META} lists no file checksums ('{CHECKSUMS}'): it was edited or damaged; {damaged_fix(tag_dir)}")
+    for name, expected in sorted(recorded.items()):
+        path = tag_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} missing: the checkpoint is incomplete; {damaged_fix(tag_dir)}")
+        if file_sha256(path) != expected:
+            raise ValueError(f"{path} does not match the sha256 recorded in {tag_dir / META} when it was saved: the file "
+                             f"was damaged or edited since; {damaged_fix(tag_dir)}")
+
+
 # Saving ----------------------------------------------------------------------------------------------
 
 def remove_partials(ckpt_dir: Path) -> None:
@@ -204,20 +265,58 @@ def remove_partials(ckpt_dir: Path) -> None:
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last complete checkpoints (never the one `latest` names)."""
-    keep = set(complete_tags(ckpt_dir)[-keep_last:])
-    pointer = latest_tag(ckpt_dir)
+    """Keep the newest keep_last healthy checkpoints, the one `latest` names, and diverged ones newer
+    than the newest healthy checkpoint (the evidence of the last divergence); delete the rest."""
+    healthy = healthy_tags(ckpt_dir)
+    keep = set(healthy[-keep_last:]) | {latest_tag(ckpt_dir)}
+    newest_healthy = healthy[-1] if healthy else ""
     for tag in complete_tags(ckpt_dir):
-        if tag not in keep and tag != pointer:
-            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        if tag in keep or (is_diverged(ckpt_dir / tag) and tag > newest_healthy):
+            continue
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (on any rank); the previous complete one is intact.
+
+    A ValueError so that the command line prints it as one line, without a traceback.
+    """
+
+
+def _any_rank(failed: bool) -> bool:
+    """Collective in place of a barrier: True on every rank if any rank failed (none waits alone)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(failed)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _write_failure(exc: BaseException | None, ckpt_dir: Path, step: int, rank: int) -> CheckpointWriteError:
+    """One clear message for rank 0 (disk full or not, and the way back); a pointer to it elsewhere."""
+    if rank != 0:
+        return CheckpointWriteError(f"rank {rank}: the checkpoint of step {step} was not written (see rank 0's message)"
+                                    + (f": {str(exc).splitlines()[0]}" if exc else ""))
+    # torch.save on a full disk says only "unexpected pos ..." or "basic_ios::clear": look at the disk.
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(ckpt_dir).free < DISK_FULL_BYTES
+    last = latest_tag(ckpt_dir)
+    resume = (f"rerun the same command: it resumes from the last complete checkpoint {ckpt_dir / last} "
+              f"(step {int(last.split('-')[1])})" if last else "rerun the same command: with no complete checkpoint it starts from step 0")
+    if full:
+        return CheckpointWriteError(f"disk full at {ckpt_dir}: the checkpoint of step {step} was not written; "
+                                    f"free some space, then {resume}")
+    cause = str(exc).splitlines()[0] if exc else "on another rank"
+    return CheckpointWriteError(f"could not write the checkpoint of step {step} to {ckpt_dir} ({cause}); {resume}")
 
 
 def save(engine, ckpt_dir: Path, step: int, *, rank: int, rank_state: dict, meta: dict,
-         keep_last: int, write_extra=None) -> Path:
+         keep_last: int, write_extra=None, diverged: str | None = None) -> Path:
     """Collective: every rank calls it. Returns the final tag directory.
 
     write_extra(partial_dir) -> dict runs on rank 0 before the rename (resolved config, learned target
-    table); what it returns is added to meta.json.
+    table); what it returns is added to meta.json. diverged: why the NaN guard stopped the run; the
+    checkpoint is then marked and `latest` stays on the last healthy one. A write that fails on any
+    rank (e.g. a full disk) raises CheckpointWriteError on every rank, the partial directory removed.
     """
     import torch.distributed as dist
 
@@ -227,29 +326,45 @@ def save(engine, ckpt_dir: Path, step: int, *, rank: int, rank_state: dict, meta
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, save_latest=False)
-    _write_atomic(partial / rank_file(rank), json.dumps(rank_state))
+    error = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, save_latest=False)
+        _write_atomic(partial / rank_file(rank), json.dumps(rank_state))
+    except (OSError, RuntimeError) as exc:  # RuntimeError: torch.save's failed writes
+        error = exc
     if os.environ.get(CRASH_ENV) == str(step):
         log.error("%s=%s: simulating a crash in the middle of saving %s", CRASH_ENV, step, partial)
         os.kill(os.getpid(), signal.SIGKILL)
-    dist.barrier()
     final = ckpt_dir / tag
-    if rank == 0:
-        extra_meta = write_extra(partial) if write_extra is not None else {}
-        _write_atomic(partial / META, json.dumps({**meta, **extra_meta, "format": FORMAT, "tag": tag, "step": step}, indent=2))
-        _fsync_dir(partial)
-        if final.exists():  # saving the same step again (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        os.rename(partial, final)
-        _fsync_dir(ckpt_dir)
-        _write_atomic(ckpt_dir / LATEST, tag)
-        prune(ckpt_dir, keep_last)
-    dist.barrier()
+    if not _any_rank(error is not None) and rank == 0:
+        try:
+            extra_meta = write_extra(partial) if write_extra is not None else {}
+            if diverged:
+                _write_atomic(partial / DIVERGED, diverged + "\n")
+            meta = {**meta, **extra_meta, "format": FORMAT, "tag": tag, "step": step, CHECKSUMS: checksums(partial)}
+            _write_atomic(partial / META, json.dumps(meta, indent=2))
+            _fsync_dir(partial)
+            if final.exists():  # saving the same step again (e.g. a signal right after a periodic save)
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            _fsync_dir(ckpt_dir)
+            if not diverged:
+                _write_atomic(ckpt_dir / LATEST, tag)
+            prune(ckpt_dir, keep_last)
+        except (OSError, RuntimeError) as exc:
+            error = exc
+    if _any_rank(error is not None):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # frees what the failed save took
+        raise _write_failure(error, ckpt_dir, step, rank)
     return final
 
 
 def load(engine, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:
-    """Collective: restore DeepSpeed's state; returns (meta, this rank's state)."""
+    """Collective: restore DeepSpeed's state; returns (meta, this rank's state).
+
+    The caller has verified the checksums (Trainer._find_resume, before any process group exists).
+    """
     tag_dir = ckpt_dir / tag
     meta = read_meta(tag_dir)
     rank_state = read_rank_state(tag_dir, rank)
@@ -277,6 +392,7 @@ def load_model_state(run_dir_or_checkpoint: str | Path, tag: str | None = None):
     ckpt_dir, tag = resolve(run_dir_or_checkpoint, tag)
     tag_dir = ckpt_dir / tag
     meta = read_meta(tag_dir)
+    verify_checksums(tag_dir, meta)
     cfg = load_config(tag_dir / CONFIG)
     verify_deepspeed_files(tag_dir)
     if cfg.train.pipeline_stages > 1:

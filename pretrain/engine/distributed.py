@@ -114,6 +114,10 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
     # The shared-memory op only serves inference all-reduce and costs a ~70 s g++ build on first use.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if env.launcher == "none":
+        # A single process needs no rendezvous: an in-memory store instead of a TCP store, which
+        # would listen, unauthenticated, on every interface. DeepSpeed adopts the existing group.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     log.info("rank %d/%d (local %d) via %s, master %s:%d, backend %s", env.rank, env.world_size, env.local_rank,
              env.launcher, env.master_addr, env.master_port, backend)

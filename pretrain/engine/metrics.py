@@ -6,6 +6,7 @@ fingerprint) together with the preemption flag, so ranks also agree on when to s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import time
@@ -15,8 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
+
 # Slots of the per-step all-reduce vector.
-FIELDS = ("loss_sum", "loss_n", "cos_sum", "norm_sum", "cont_n", "acc_sum", "acc_n", "fingerprint", "preempt")
+FIELDS = ("loss_sum", "loss_n", "cos_sum", "norm_sum", "cont_n", "acc_sum", "acc_n", "fingerprint", "preempt",
+          "skipped_shards", "skipped_samples")
 
 
 class StepStats:
@@ -58,6 +62,9 @@ def summarize(totals: dict[str, float]) -> dict[str, float]:
     if totals["acc_n"]:
         out["accuracy"] = totals["acc_sum"] / totals["acc_n"]
     out["data_fingerprint"] = int(totals["fingerprint"])
+    # Corrupt shards skipped so far by all ranks (data.on_corrupt_shard=skip).
+    out["skipped_shards"] = int(totals["skipped_shards"])
+    out["skipped_samples"] = int(totals["skipped_samples"])
     return out
 
 
@@ -75,18 +82,52 @@ def _json_safe(value):
 
 
 class MetricsLog:
-    """metrics.jsonl in the run dir (rank 0 only); on resume, rows after the checkpoint are dropped."""
+    """metrics.jsonl in the run dir (rank 0 only); on resume, rows after the checkpoint are dropped.
+
+    The dropped rows are remembered: the resumed run replays those steps, and a replayed row equal
+    to the dropped one (an exact resume) was already sent to MLflow, which would otherwise show the
+    step twice (``already_sent``).
+    """
+
+    # Per-step values that identify a replay of the same step (same data, same numbers).
+    REPLAY_KEYS = ("loss", "lr", "data_fingerprint")
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
         self.path = path
         self.enabled = enabled
+        self.dropped: dict[int, dict] = {}
         if not enabled:
             return
         if resume_step is None:
             self.path.write_text("")
         elif self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            rows = self._rows()
+            self.dropped = {step: json.loads(line) for step, line in rows if step > resume_step}
+            kept = [line for step, line in rows if step <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+
+    def _rows(self) -> list[tuple[int, str]]:
+        """(step, line) of every row. A torn last line (the disk filled during an append) is dropped
+        with a warning: the checkpoint, not this file, says which step comes next."""
+        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append((int(json.loads(line)["step"]), line))
+            except (ValueError, KeyError, TypeError) as exc:
+                if number < len(lines):
+                    raise ValueError(f"{self.path} line {number} is not a metrics row ({exc}); move the file aside "
+                                     "to resume (the checkpoint holds the training state)") from None
+                log.warning("%s: dropping its torn last line %d (%s), probably cut off by a full disk or a crash",
+                            self.path, number, exc)
+        return rows
+
+    def already_sent(self, row: dict) -> bool:
+        """True for a replayed step whose values equal those logged before the restart."""
+        before = self.dropped.get(row["step"])
+        return before is not None and all(before.get(k) == _json_safe(row.get(k)) for k in self.REPLAY_KEYS)
 
     def write(self, row: dict) -> None:
         if self.enabled:

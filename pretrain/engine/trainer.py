@@ -31,6 +31,7 @@ from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.distributed import DistEnv, detect, device_for, init_distributed
 from pretrain.engine.guards import EXIT_DIVERGED, BadStepGuard, GuardedAdamW, check_run_inputs, nan_test_steps
 from pretrain.engine.metrics import MetricsLog, StepStats, Throughput, peak_memory_mb, summarize
+from pretrain.engine.run_lock import RunDirLocked, RunLock
 from pretrain.engine.schedule import lr_for_config, set_lr
 from pretrain.engine.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.model import batch_generator, build_model
@@ -152,6 +153,7 @@ class Trainer:
             return None
         tag_dir = self.ckpt_dir / tag
         meta = ckpt.read_meta(tag_dir)
+        ckpt.verify_checksums(tag_dir, meta)
         if meta.get("world_size") != self.env.world_size:
             raise ConfigError(f"checkpoint {tag_dir} was written by {meta.get('world_size')} processes; this job has "
                               f"{self.env.world_size}. Resume with the same number of processes (or use another run_name)")
@@ -168,6 +170,21 @@ class Trainer:
             raise ConfigError(f"cannot resume {tag_dir} with a different setup: " + "; ".join(conflicts)
                               + ". Restore those values, or use another train.run_name to start a new run")
         return tag
+
+    def _lock_run_dir(self) -> RunLock:
+        """Rank 0 takes the run directory's lock; every rank raises the same refusal if it is held."""
+        lock = RunLock(self.run_dir)
+        refusal = [None]
+        if self.env.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire()
+            except RunDirLocked as exc:
+                refusal = [str(exc)]
+        torch.distributed.broadcast_object_list(refusal, src=0)
+        if refusal[0]:
+            raise RunDirLocked(refusal[0])
+        return lock
 
     def _build_engine(self):
         import deepspeed
@@ -213,7 +230,7 @@ class Trainer:
                             shuffle_buffer=d.shuffle_buffer, on_corrupt_shard=d.on_corrupt_shard)
 
     # Checkpoints ----------------------------------------------------------------------------------
-    def _save(self, step: int) -> Path:
+    def _save(self, step: int, diverged: str | None = None) -> Path:
         meta = {
             **self.inputs.hashes,
             "world_size": self.env.world_size,
@@ -235,7 +252,7 @@ class Trainer:
             return self._write_checkpoint_extras(tag_dir, learned_table)
 
         path = ckpt.save(self.engine, self.ckpt_dir, step, rank=self.env.rank, rank_state=rank_state, meta=meta,
-                         keep_last=self.cfg.train.keep_last, write_extra=write_extra)
+                         keep_last=self.cfg.train.keep_last, write_extra=write_extra, diverged=diverged)
         log.info("checkpoint %s", path)
         return path
 
@@ -323,6 +340,21 @@ class Trainer:
             self.engine.step()
             stats.add_micro({**result, "loss": loss})
 
+    def _log_skipped_shards(self, total: int) -> None:
+        """Collective: rank 0 writes every rank's newly skipped corrupt shards to train.log."""
+        import torch.distributed as dist
+
+        entries = [None] * self.env.world_size
+        dist.all_gather_object(entries, [{**e, "rank": self.dp_rank} for e in self.loader.skipped["entries"]] if self.first_stage else [])
+        for entry in sorted((e for rank_entries in entries for e in rank_entries), key=lambda e: (e["epoch"], e["shard"])):
+            key = (entry["rank"], entry["epoch"], entry["shard"])
+            if key not in self._skipped_seen:
+                self._skipped_seen.add(key)
+                log.warning("skipped corrupt shard %s (rank %d, epoch %d, %d samples; data.on_corrupt_shard=skip): %s",
+                            entry["shard"], entry["rank"], entry["epoch"], entry["samples"], entry["error"])
+        log.warning("%d corrupt shard(s) skipped so far", total)
+        self.skipped_shards_logged = total
+
     def _grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else self.grad_norm_at_boundary
@@ -336,17 +368,18 @@ class Trainer:
         resume_tag = self._find_resume()
         init_distributed(self.env)
         self.device = device_for(self.env)
-        if self.env.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, self.run_dir)
-            if self.ckpt_dir.is_dir():
-                ckpt.remove_partials(self.ckpt_dir)
-        torch.distributed.barrier()
-        self._setup_logging()
+        lock = self._lock_run_dir()
         try:
+            if self.env.rank == 0:
+                save_resolved(cfg, self.run_dir)
+                if self.ckpt_dir.is_dir():
+                    ckpt.remove_partials(self.ckpt_dir)
+            torch.distributed.barrier()
+            self._setup_logging()
             return self._train(resume_tag)
         finally:
-            if self._log_handler is not None:
+            lock.release()
+            if getattr(self, "_log_handler", None) is not None:
                 for name in ("", "DeepSpeed"):
                     logging.getLogger(name).removeHandler(self._log_handler)
                 self._log_handler.close()
@@ -360,6 +393,7 @@ class Trainer:
         self.samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * self.dp_world
         self.tokens_per_step = self.samples_per_step * self.inputs.manifest["seq_len"]
         self.nan_steps = nan_test_steps()
+        self.skipped_shards_logged, self._skipped_seen = 0, set()
         if self.env.rank == 0:
             print(f"run directory: {self.run_dir}", flush=True)
         if start >= cfg.train.steps:
@@ -396,8 +430,13 @@ class Trainer:
             self._train_step(step, stats)
             self._after_optimizer_step()
             stats.values["preempt"] = float(flag.requested)
+            if self.first_stage:  # the stages of one pipeline replica read the same data: count it once
+                corrupt = self.loader.skipped
+                stats.values.update(skipped_shards=corrupt["shards"], skipped_samples=corrupt["samples"])
             totals = stats.reduce(self.device)
             row = summarize(totals)
+            if row["skipped_shards"] > self.skipped_shards_logged:
+                self._log_skipped_shards(row["skipped_shards"])
             skipped = self.optimizer.skipped_last_step or not self.engine.was_step_applied()
             bad = skipped or not math.isfinite(row["loss"])
             diverged = self.guard.update(bad)
@@ -414,17 +453,23 @@ class Trainer:
                            peak_mem_mb=peak_memory_mb(self.device), skipped=skipped, bad_steps=self.guard.total,
                            elapsed_s=time.perf_counter() - t_start, **self._learned_diagnostics())
                 metrics.write(row)
-                tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
+                if not metrics.already_sent(row):  # replayed after a crash: MLflow has this step already
+                    tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
             if step == pause_at and rank0:
                 log.warning("%s=%d: pausing forever (test hook)", PAUSE_ENV, step)
                 while True:
                     time.sleep(60)
             if diverged:
-                self._save(step)
+                reason = (f"training stopped at step {step}: the loss or the gradients were NaN/inf for "
+                          f"{self.guard.in_row} steps in a row (train.max_bad_steps_in_row)")
+                path = self._save(step, diverged=reason)
                 bar.close()
-                log.error("training stopped at step %d: the loss or the gradients were NaN/inf for %d steps in a row "
-                          "(train.max_bad_steps_in_row). A checkpoint was saved; lower train.lr, raise warmup_steps or "
-                          "use train.precision=fp32, then resume", step, self.guard.in_row)
+                healthy = ckpt.latest_tag(self.ckpt_dir)
+                resume = (f"then rerun the same command: it resumes from the last healthy checkpoint {self.ckpt_dir / healthy}"
+                          if healthy else "then rerun the same command: with no healthy checkpoint it starts from step 0")
+                log.error("%s. Its checkpoint %s is kept for inspection only (marked %s: its weights may be ruined, it is "
+                          "never resumed from and never counts toward train.keep_last). Lower train.lr, raise "
+                          "train.warmup_steps or use train.precision=fp32, %s", reason, path, ckpt.DIVERGED, resume)
                 return EXIT_DIVERGED
             if totals["preempt"] > 0:
                 self._save(step)
@@ -449,5 +494,6 @@ class Trainer:
         dist.all_gather_object(gathered, {"rank": self.env.rank, "stage": stage, "param_digest": digest})
         if self.env.rank == 0:
             summary = {"step": step, "final_loss": last_row.get("loss"), "wall_s": time.perf_counter() - t_start,
-                       "bad_steps": self.guard.total, "ranks": gathered}
+                       "bad_steps": self.guard.total, "skipped_shards": last_row.get("skipped_shards", 0),
+                       "skipped_samples": last_row.get("skipped_samples", 0), "ranks": gathered}
             (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))

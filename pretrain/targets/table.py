@@ -1,10 +1,14 @@
 """The target table on disk: a unit-normalised V x D float32 tensor in safetensors, with metadata.
 
 The metadata ties the table to the tokenizer and the dataset it was built for, so a table built for
-another vocabulary is refused with the fix instead of silently decoding to the wrong pieces.
+another vocabulary is refused with the fix instead of silently decoding to the wrong pieces. It also
+holds the sha256 of the table's values (``content_sha256``), checked on every load (training, eval,
+export): swapped rows or flipped sign bits keep every row unit-norm, and only the checksum sees them.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -12,7 +16,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
+log = logging.getLogger(__name__)
+
 TENSOR_NAME = "embeddings"
+CONTENT_SHA256 = "content_sha256"  # metadata key: sha256 of the float32 values, row-major
 REQUIRED_META = ("tokenizer_sha256", "vocab_size", "dim", "method", "manifest_sha256")
 # Row norms further than this from 1 mean the file was not written by save_target_table.
 NORM_TOLERANCE = 1e-3
@@ -36,6 +43,10 @@ def random_unit_table(vocab_size: int, dim: int, seed: int) -> torch.Tensor:
     return normalize_rows(torch.randn(vocab_size, dim, generator=gen))
 
 
+def content_sha256(table: torch.Tensor) -> str:
+    return hashlib.sha256(table.detach().to(torch.float32).contiguous().numpy()).hexdigest()
+
+
 def save_target_table(path: str | Path, table: torch.Tensor, meta: dict) -> Path:
     """Normalise the rows and write them with string metadata (vocab_size and dim are filled in)."""
     path = Path(path)
@@ -45,6 +56,7 @@ def save_target_table(path: str | Path, table: torch.Tensor, meta: dict) -> Path
     metadata = {str(k): str(v) for k, v in meta.items()}
     metadata["vocab_size"] = str(table.shape[0])
     metadata["dim"] = str(table.shape[1])
+    metadata[CONTENT_SHA256] = content_sha256(table)
     missing = [k for k in REQUIRED_META if not metadata.get(k)]
     if missing:
         raise ValueError(f"target table metadata lacks {missing}; required: {list(REQUIRED_META)}")
@@ -82,6 +94,11 @@ def load_target_table(
             f"target table {path} was built for tokenizer sha256 {meta['tokenizer_sha256'][:12]}..., "
             f"but this dataset's tokenizer is {tokenizer_sha256[:12]}...; {_FIX}"
         )
+    if CONTENT_SHA256 not in meta:
+        log.warning("target table %s was written before tables carried a checksum: its values cannot be verified", path)
+    elif content_sha256(table) != meta[CONTENT_SHA256]:
+        raise ValueError(f"target table {path}: its values do not match the sha256 recorded in its metadata when it was "
+                         f"written (rows swapped or bits changed since); {_FIX}")
     norms = table.norm(dim=1)
     if not torch.isfinite(norms).all() or (norms - 1).abs().max() > NORM_TOLERANCE:
         raise ValueError(f"target table {path} has rows that are not unit-norm or not finite; {_FIX}")

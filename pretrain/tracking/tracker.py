@@ -238,7 +238,7 @@ class Tracker(NullTracker):
             if self.run_id is None:
                 self._create_run()
         except Exception as exc:  # noqa: BLE001 - whatever the store raises, training goes on
-            if not server_reachable(self.tracking_uri, self.http_timeout_s):
+            if not self._store_answered(exc):
                 self._went_offline(exc)
                 return False
             raise
@@ -311,14 +311,19 @@ class Tracker(NullTracker):
 
     def _went_offline(self, reason: Any) -> None:
         self._online = False
-        if not self._warned_offline:
-            log.warning(
-                "MLflow tracking at %s is unreachable (%s). Training continues; tracking records are kept in %s "
-                "and sent when the server answers again (retried every %.0f s, at the end and on resume; "
-                "or by hand: pretrain ui %s --sync)",
-                self.tracking_uri, reason, self.pending_path, self.retry_seconds, self.run_dir,
-            )
-            self._warned_offline = True
+        if self._warned_offline:
+            return
+        self._warned_offline = True
+        if not self._mark_running:  # `pretrain ui --sync`: nothing runs on, the backlog just stays
+            log.warning("MLflow tracking at %s is unreachable (%s): the records stay in %s; rerun `pretrain ui %s "
+                        "--sync` once the server answers", self.tracking_uri, reason, self.pending_path, self.run_dir)
+            return
+        log.warning(
+            "MLflow tracking at %s is unreachable (%s). This command goes on; tracking records are kept in %s "
+            "and sent when the server answers again (retried every %.0f s, at the end and on resume; "
+            "or by hand: pretrain ui %s --sync)",
+            self.tracking_uri, reason, self.pending_path, self.retry_seconds, self.run_dir,
+        )
 
     # Records ---------------------------------------------------------------------------------
     def _submit(self, record: dict) -> None:
@@ -336,9 +341,21 @@ class Tracker(NullTracker):
                     self._went_offline(exc)
         self._append_pending(record)
 
+    def _store_answered(self, exc: Exception) -> bool:
+        """Did the store itself answer with this error (True), or not answer at all (timeout, refused
+        connection, a proxy's 5xx)? Deciding from the error, not from a health check, keeps a hung
+        server to one http_timeout_s per record instead of two (request, then health check)."""
+        from mlflow.exceptions import MlflowException, RestException
+
+        if not is_remote(self.tracking_uri) or isinstance(exc, RestException):
+            return True
+        # MLflow wraps a timeout or a failed connection in a plain MlflowException; other errors
+        # (e.g. our own "experiment deleted") come from an answer.
+        return not isinstance(exc, (MlflowException, OSError))
+
     def _refused(self, exc: Exception, record: dict) -> bool:
-        """A reachable store that refuses a record: drop it (counted) rather than retry it forever."""
-        if not server_reachable(self.tracking_uri, self.http_timeout_s):
+        """A store that answers but refuses a record: drop it (counted) rather than retry it forever."""
+        if not self._store_answered(exc):
             return False
         self.dropped += 1
         log.warning("MLflow refused a %s record (%s); dropped it (%d so far)", record.get("op"), exc, self.dropped)
@@ -359,7 +376,7 @@ class Tracker(NullTracker):
             try:
                 self._apply(chunk)
             except Exception as exc:  # noqa: BLE001
-                if not server_reachable(self.tracking_uri, self.http_timeout_s):
+                if not self._store_answered(exc):
                     self._went_offline(exc)
                     self._rewrite_pending(records[start:])
                     return sent

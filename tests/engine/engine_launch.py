@@ -93,3 +93,15 @@ def wait_for_step(job: Job, run_dir: Path, step: int, timeout: float = 240) -> N
         time.sleep(0.1)
     job.kill()
     pytest.fail(f"step {step} not reached within {timeout} s\n{job.output()}")
+
+
+HOLD_LOCK = ("import sys, time; from pretrain.engine.run_lock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+             "print('HELD', flush=True); time.sleep(600)")
+
+
+def hold_run_lock(run_dir: Path, job_id: str = "4242") -> subprocess.Popen:
+    """Another job's process holding run_dir's lock (SLURM job job_id) until the test kills it."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "SLURM_JOB_ID": job_id})
+    assert proc.stdout.readline().strip() == "HELD"
+    return proc

@@ -2,6 +2,7 @@
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,148 @@ def test_a_deepspeed_load_failure_names_the_checkpoint(tmp_path):
 
     with pytest.raises(ValueError, match=rf"DeepSpeed could not load checkpoint {tag_dir} \(AssertionError: no optimizer files\); delete"):
         ckpt.load(Engine(), tmp_path, tag_dir.name, rank=0)
+
+
+def _flip_tensor_bytes(path, pattern: bytes, count: int) -> None:
+    """Flip the sign bit of `count` stored values (the tensor data, not the file's structure)."""
+    data = bytearray(path.read_bytes())
+    start = data.index(pattern * count)
+    for i in range(count):
+        data[start + i * len(pattern) + len(pattern) - 1] ^= 0x80
+    path.write_bytes(bytes(data))
+
+
+def test_checksums_catch_flipped_tensor_bytes_and_an_edited_data_position(tmp_path):
+    tag_dir = _fake_checkpoint(tmp_path, 5)
+    model_file = tag_dir / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(256)}}, model_file)
+    (tag_dir / ckpt.rank_file(0)).write_text(json.dumps({"rank": 0, "data": {"cursor": 3}}))
+    meta = {"step": 5, "format": ckpt.FORMAT, ckpt.CHECKSUMS: ckpt.checksums(tag_dir)}
+    assert sorted(meta[ckpt.CHECKSUMS]) == ["mp_rank_00_model_states.pt", "rank_00000.json"]
+    ckpt.verify_checksums(tag_dir, meta)  # intact: accepted
+
+    original = model_file.read_bytes()
+    _flip_tensor_bytes(model_file, np.float32(1.0).tobytes(), 100)
+    flipped = torch.load(model_file, weights_only=True)["module"]["w"]
+    assert (flipped == -1).sum() == 100  # still a valid file: only the checksum can tell
+    with pytest.raises(ValueError, match=rf"{model_file} does not match the sha256 recorded .*delete {tag_dir}"):
+        ckpt.verify_checksums(tag_dir, meta)
+    model_file.write_bytes(original)
+
+    (tag_dir / ckpt.rank_file(0)).write_text(json.dumps({"rank": 0, "data": {"cursor": 4}}))  # valid JSON, edited
+    with pytest.raises(ValueError, match=r"rank_00000.json does not match the sha256"):
+        ckpt.verify_checksums(tag_dir, meta)
+    with pytest.raises(ValueError, match="lists no file checksums"):
+        ckpt.verify_checksums(tag_dir, {"step": 5, "format": ckpt.FORMAT})
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A world of one (gloo) for ckpt.save's barriers; torn down after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg-store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class _FakeEngine:
+    """What ckpt.save needs of a DeepSpeed engine: one weights file per checkpoint."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def save_checkpoint(self, save_dir, tag, save_latest):  # noqa: ARG002
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"module": {"w": torch.full((4,), self.value)}}, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+
+
+def _save(ckpt_dir, step, *, diverged=None):
+    return ckpt.save(_FakeEngine(float(step)), ckpt_dir, step, rank=0, rank_state={"rank": 0}, meta={},
+                     keep_last=2, diverged=diverged)
+
+
+def test_the_guards_checkpoint_never_pushes_out_the_last_healthy_one(tmp_path, one_process_group):
+    """Healthy 10 and 20; the guard stops at 26; resumed from 20 it stops again at 27; then healthy 30."""
+    ckpt_dir = tmp_path / ckpt.CHECKPOINTS
+    _save(ckpt_dir, 10), _save(ckpt_dir, 20)
+    diverged = _save(ckpt_dir, 26, diverged="training stopped at step 26")
+    _save(ckpt_dir, 27, diverged="training stopped at step 27")
+    assert ckpt.complete_tags(ckpt_dir) == ["step-00000010", "step-00000020", "step-00000026", "step-00000027"]
+    assert ckpt.is_diverged(diverged) and "step 26" in (diverged / ckpt.DIVERGED).read_text()
+    assert (ckpt_dir / ckpt.LATEST).read_text() == "step-00000020"  # a rerun resumes from the healthy one
+    (ckpt_dir / ckpt.LATEST).unlink()
+    assert ckpt.latest_tag(ckpt_dir) == "step-00000020"  # also without the pointer
+    assert ckpt.healthy_tags(ckpt_dir) == ["step-00000010", "step-00000020"]
+    ckpt.verify_checksums(diverged, ckpt.read_meta(diverged))  # the marker is covered by the checksums
+    _save(ckpt_dir, 30)  # healthy again: the abandoned diverged branch goes, keep_last counts healthy ones
+    assert ckpt.complete_tags(ckpt_dir) == ["step-00000020", "step-00000030"]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, enabled=True, resume_step=None)
+    for step in range(1, 5):
+        log.write({"step": step, "loss": 1.0, "grad_norm": 0.5, "tokens_per_s": 1000.0})
+    whole = path.read_text()
+    path.write_text(whole[: len(whole) - 20])  # the disk filled in the middle of the last append
+    with caplog.at_level("WARNING"):
+        MetricsLog(path, enabled=True, resume_step=3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert f"{path}: dropping its torn last line 4" in caplog.text
+    path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')  # damage in the middle is not a torn tail
+    with pytest.raises(ValueError, match=rf"{path} line 2 is not a metrics row"):
+        MetricsLog(path, enabled=True, resume_step=3)
+
+
+def test_steps_replayed_after_a_crash_are_known_as_already_sent(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, enabled=True, resume_step=None)
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 0.1, "data_fingerprint": 7 * s, "tokens_per_s": 5.0} for s in range(1, 6)]
+    for row in rows:
+        log.write(row)
+    resumed = MetricsLog(path, enabled=True, resume_step=3)
+    assert resumed.already_sent({**rows[3], "tokens_per_s": 9.0})  # step 4 replayed exactly
+    assert not resumed.already_sent({**rows[3], "loss": 0.3})  # step 4 trained differently (e.g. another lr)
+    assert not resumed.already_sent(rows[2])  # kept, not replayed
+    assert not resumed.already_sent({**rows[4], "step": 6})  # new
+
+
+def test_a_full_disk_during_a_save_is_one_clear_message_with_the_way_back(tmp_path, one_process_group, monkeypatch):
+    import collections
+    import shutil
+
+    ckpt_dir = tmp_path / ckpt.CHECKPOINTS
+    _save(ckpt_dir, 10)
+
+    class FullDisk(_FakeEngine):
+        def save_checkpoint(self, save_dir, tag, save_latest):  # noqa: ARG002
+            (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+            torch.save({"w": torch.ones(10_000)}, "/dev/full")  # torch's own words for it: "unexpected pos ..."
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30, 0))
+    with pytest.raises(ckpt.CheckpointWriteError) as info:
+        ckpt.save(FullDisk(0.0), ckpt_dir, 20, rank=0, rank_state={}, meta={}, keep_last=2)
+    assert str(info.value) == (f"disk full at {ckpt_dir}: the checkpoint of step 20 was not written; free some space, "
+                               f"then rerun the same command: it resumes from the last complete checkpoint "
+                               f"{ckpt_dir / 'step-00000010'} (step 10)")
+    assert ckpt.complete_tags(ckpt_dir) == ["step-00000010"] and not list(ckpt_dir.glob("*" + ckpt.PARTIAL))
+
+
+def test_a_single_process_listens_on_loopback_only():
+    """Without a launcher no rendezvous is needed: no unauthenticated TCP store on every interface."""
+    import os
+    import subprocess
+    import sys
+
+    from engine_launch import LAUNCHER_VARS
+
+    script = ("import psutil; from pretrain.engine.distributed import detect, init_distributed; "
+              "init_distributed(detect()); import torch, torch.distributed as dist; t = torch.ones(1); dist.all_reduce(t); "
+              "print('LISTEN', *sorted({c.laddr.ip for c in psutil.Process().net_connections('tcp') if c.status == 'LISTEN'}))")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    addresses = next(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("LISTEN"))
+    assert all(ip in ("127.0.0.1", "::1") for ip in addresses), addresses

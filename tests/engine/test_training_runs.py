@@ -177,7 +177,12 @@ def test_nan_steps_are_skipped_and_too_many_in_a_row_stop_the_run(engine_base, t
     after, _, meta = load_model_state(ckpt_dir, tag="step-00000006")
     assert all(torch.equal(before[k], after[k]) for k in before)  # steps 5 and 6 changed nothing
     assert meta["guard"] == {"in_row": 2, "total": 3}
-    assert "training stopped at step 6" in (run_dir / "train.log").read_text()
+    train_log = (run_dir / "train.log").read_text()
+    assert "training stopped at step 6" in train_log
+    # The guard's checkpoint is marked; a rerun resumes from the healthy one, as the message says.
+    assert ckpt.is_diverged(ckpt_dir / "step-00000006") and not ckpt.is_diverged(ckpt_dir / "step-00000004")
+    assert (ckpt_dir / ckpt.LATEST).read_text() == "step-00000004"
+    assert f"rerun the same command: it resumes from the last healthy checkpoint {ckpt_dir / 'step-00000004'}" in train_log
     assert (run_dir / "mlflow_run.json").is_file()  # the tracker ran on rank 0
 
 
@@ -191,9 +196,40 @@ def test_a_damaged_checkpoint_is_one_clear_line_for_export_and_eval(tiny_runs, t
     (tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     assert main(["export", str(run_dir), str(tmp_path / "export")]) == 1
     err = capsys.readouterr().err
-    assert f"cannot consolidate checkpoint {tag_dir}" in err and "--tag" in err and "Traceback" not in err
+    assert f"{tag_dir}/zero_pp_rank_1_mp_rank_00_optim_states.pt missing" in err and "--tag" in err and "Traceback" not in err
     model_file = tag_dir / "mp_rank_00_model_states.pt"
     model_file.write_bytes(model_file.read_bytes()[:1000])
     assert main(["eval", str(run_dir / "config.resolved.yaml"), "tracking.enabled=false", "--run-dir", str(run_dir)]) == 1
-    assert f"{model_file} is damaged" in capsys.readouterr().err
+    assert f"{model_file} does not match the sha256" in capsys.readouterr().err
     assert main(["export", str(run_dir), str(tmp_path / "export"), "--tag", "step-00000008"]) == 0  # the way back works
+
+
+def test_flipped_tensor_bytes_or_an_edited_data_position_stop_resume_and_export(tiny_runs, tmp_path, capsys):
+    """Files that still load but differ from what was saved: refused by the checksums in meta.json."""
+    import shutil
+
+    from pretrain.cli import main
+
+    run_dir = shutil.copytree(tiny_runs["zero2"].run_dir, tmp_path / "run")
+    tag_dir = run_dir / ckpt.CHECKPOINTS / "step-00000016"
+    config = str(run_dir / "config.resolved.yaml")
+    optim = tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    original = optim.read_bytes()
+    data = bytearray(original)
+    for offset in range(len(data) // 2, len(data) // 2 + 400, 4):  # 100 values in the middle of the tensor data
+        data[offset] ^= 0x01
+    optim.write_bytes(bytes(data))
+    ckpt.verify_deepspeed_files(tag_dir)  # still loads: only the checksum can tell
+    assert main(["export", str(run_dir), str(tmp_path / "export")]) == 1
+    assert f"{optim} does not match the sha256 recorded in {tag_dir / ckpt.META}" in capsys.readouterr().err
+    assert main(["train", config, f"train.run_dir={run_dir}"]) == 1
+    assert f"{optim} does not match the sha256" in capsys.readouterr().err
+    optim.write_bytes(original)
+
+    position = tag_dir / ckpt.rank_file(1)
+    state = json.loads(position.read_text())
+    state["data"]["workers"][0]["cursor"] += 1  # skip a shard: still a valid position
+    position.write_text(json.dumps(state))
+    assert main(["train", config, f"train.run_dir={run_dir}"]) == 1
+    assert f"{position} does not match the sha256" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()

@@ -195,3 +195,29 @@ def test_eval_adds_to_the_training_runs_tracking_server(tiny_runs, tmp_path, mon
     pending = [json.loads(line) for line in (run_dir / "mlflow_pending.jsonl").read_text().splitlines()]
     top1 = [r["metrics"]["eval/top1"] for r in pending if r["op"] == "metrics" and "eval/top1" in r["metrics"]]
     assert top1 == [json.loads((run_dir / "eval" / "report.json").read_text())["top1"]]
+
+
+def test_another_data_set_is_reported_and_tracked_under_its_own_name(tiny_runs, tiny_data, tmp_path):
+    """Before, `--data-dir OTHER` replaced the run's eval/report.json and its eval/top1 in MLflow."""
+    import shutil
+
+    import mlflow
+
+    from pretrain.data.manifest import manifest_sha256
+
+    run_dir = shutil.copytree(tiny_runs["zero2"].run_dir, tmp_path / "run")
+    other = shutil.copytree(tiny_data.data_dir, tmp_path / "other_domain")
+    common = ["eval", str(run_dir / "config.resolved.yaml"), *EVAL_OVERRIDES, "eval.max_batches=1", "tracking.enabled=true",
+              f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "--run-dir", str(run_dir)]
+    assert main(common) == 0
+    own = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert main([*common, "--data-dir", str(other)]) == 0
+    key = f"other_domain-{manifest_sha256(other)[:8]}"
+    theirs = json.loads((run_dir / "eval" / key / "report.json").read_text())
+    assert json.loads((run_dir / "eval" / "report.json").read_text()) == own  # untouched
+    assert own["dataset"] == "training data" and theirs["dataset"] == key and theirs["data_dir"] == str(other)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval/top1")] == [pytest.approx(own["top1"])]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, f"eval/{key}/top1")] == [pytest.approx(theirs["top1"])]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, f"eval/{key}")} >= {f"eval/{key}/report.json"}

@@ -4,6 +4,9 @@ Three tiny CPU trainings run concurrently (the nodes declare 4 CPUs each, 8 task
 1 node x 2 tasks (local MLflow store), 2 nodes x 2 tasks (MLflow server), and 1 node x 2 tasks that
 receives the warning signal mid-run, checkpoints, requeues itself and resumes. The uninterrupted
 1 x 2 run is the reference for the preempted one: same config, same step count, same losses.
+Every run reads its data with 2 loader workers and accumulates 2 micro-batches per step, and the
+warning signal goes to every process of the job (workers, forkserver and resource tracker too), as
+srun delivers it: the trainer alone must act on it.
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ SIGNAL_AFTER_STEP = 15
 TRAIN_OVERRIDES = [
     "targets.method=random", "targets.dim=16",
     "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
-    "train.micro_batch_size=4", f"train.steps={STEPS}", "train.warmup_steps=5", "train.zero_stage=2",
+    "train.micro_batch_size=4", "train.grad_accum=2", f"train.steps={STEPS}", "train.warmup_steps=5", "train.zero_stage=2",
     "train.checkpoint_every=50", "train.keep_last=10", "train.log_every=1", "train.progress=false",
-    "data.loader_workers=0", "data.shuffle_buffer=0",
+    "data.loader_workers=2", "data.shuffle_buffer=0",
 ]
 JOB_TIMEOUT = 420
 
@@ -74,8 +77,8 @@ def jobs(slurm_cluster, mlflow_server, train_args, tmp_path_factory):
         assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"preempt job {state} before the signal:\n{_tail(preempt['log'])}"
         assert time.monotonic() < deadline, f"preempt job never reached step {SIGNAL_AFTER_STEP}:\n{_tail(preempt['log'])}"
         time.sleep(0.5)
-    # What SLURM does at --signal=B:USR1@N before the time limit: USR1 to the batch shell only.
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(preempt["id"]))
+    # The warning signal to the batch shell and to every process of the step (loader workers included).
+    slurm_cluster.run("scancel", "--signal=USR1", "--full", str(preempt["id"]))
     preempt["signalled_at_step"] = _last_step(preempt["run_dir"])
 
     for job in out.values():
@@ -135,18 +138,8 @@ def test_rendezvous_across_two_real_nodes(slurm_cluster, tmp_path):
 def test_a_cancelled_job_checkpoints_but_is_not_requeued(slurm_cluster, tmp_path):
     """scancel: the tasks get SIGTERM and exit with EXIT_PREEMPTED (as the trainer does after its
     checkpoint); unlike after the warning signal, the job must stay cancelled."""
-    from pretrain.engine.signals import EXIT_PREEMPTED
-
-    task = tmp_path / "task.sh"
-    task.write_text(f"#!/usr/bin/env bash\ntrap 'echo TASK_GOT_TERM; exit {EXIT_PREEMPTED}' TERM\n"
-                    "echo TASK_STARTED\nsleep 300 & wait\n")
-    task.chmod(0o755)
-    job_id = slurm_cluster.sbatch("slurm/single_node.sbatch", "--command", str(task), options=_options("cancel", 1, tmp_path))
-    log = tmp_path / f"cancel-{job_id}.out"
+    job_id, log = _start_fake_task(slurm_cluster, tmp_path, "cancel")
     deadline = time.monotonic() + 120
-    while "TASK_STARTED" not in (log.read_text() if log.is_file() else ""):
-        assert time.monotonic() < deadline, f"the task never started:\n{_tail(log)}"
-        time.sleep(0.5)
     slurm_cluster.run("scancel", str(job_id))
     while "tasks exited with status" not in log.read_text():
         assert time.monotonic() < deadline, f"job.sh never saw its tasks end:\n{_tail(log)}"
@@ -156,6 +149,38 @@ def test_a_cancelled_job_checkpoints_but_is_not_requeued(slurm_cluster, tmp_path
     text = log.read_text()
     assert "TASK_GOT_TERM" in text and "not requeueing" in text and "requeueing; the next start" not in text, text
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+
+
+def _start_fake_task(slurm_cluster, tmp_path, name: str) -> tuple[int, Path]:
+    """A job whose task exits like a checkpointing trainer on SIGTERM (EXIT_PREEMPTED); (job id, log)."""
+    from pretrain.engine.signals import EXIT_PREEMPTED
+
+    task = tmp_path / "task.sh"
+    task.write_text(f"#!/usr/bin/env bash\ntrap 'echo TASK_GOT_TERM; exit {EXIT_PREEMPTED}' TERM\n"
+                    "echo TASK_STARTED\nsleep 300 & wait\n")
+    task.chmod(0o755)
+    job_id = slurm_cluster.sbatch("slurm/single_node.sbatch", "--command", str(task), options=_options(name, 1, tmp_path))
+    log = tmp_path / f"{name}-{job_id}.out"
+    deadline = time.monotonic() + 120
+    while "TASK_STARTED" not in (log.read_text() if log.is_file() else ""):
+        assert time.monotonic() < deadline, f"the task never started:\n{_tail(log)}"
+        time.sleep(0.5)
+    return job_id, log
+
+
+def test_a_job_slurm_requeues_is_not_reported_as_cancelled(slurm_cluster, tmp_path):
+    """`scontrol requeue` (or a requeueing preemption) also SIGTERMs the job: job.sh must say requeue."""
+    job_id, log = _start_fake_task(slurm_cluster, tmp_path, "requeued")
+    slurm_cluster.run("scontrol", "requeue", str(job_id))
+    deadline = time.monotonic() + 120
+    while "tasks exited with status" not in log.read_text():
+        assert time.monotonic() < deadline, f"job.sh never saw its tasks end:\n{_tail(log)}"
+        time.sleep(0.5)
+    time.sleep(2)  # job.sh's last line
+    text = log.read_text()
+    slurm_cluster.run("scancel", str(job_id))  # it would start again and sleep
+    assert "TASK_GOT_TERM" in text and "stopped by SLURM for a requeue (restart 1 follows)" in text, text
+    assert "cancelled (SIGTERM)" not in text, text
 
 
 def test_single_node_training_completes_with_checkpoint_and_mlflow(jobs):
@@ -194,6 +219,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(jobs):
     assert job["info"]["Restarts"] == "1", _tail(job["log"])
     log = job["log"].read_text()
     assert "restart 0] got SIGUSR1" in log and "tasks exited with status 99" in log and "requeueing" in log, log
+    assert "exited unexpectedly" not in log, log  # no loader worker died of the signal
     preempted_at = int(re.search(r"checkpoint of step (\d+) saved", (job["run_dir"] / "train.log").read_text()).group(1))
     assert SIGNAL_AFTER_STEP <= preempted_at < STEPS
     assert (job["run_dir"] / "checkpoints" / f"step-{preempted_at:08d}").is_dir()

@@ -78,3 +78,27 @@ def test_save_refuses_zero_and_nan_rows(tmp_path, bad_value):
 def test_save_requires_metadata(tmp_path):
     with pytest.raises(ValueError, match="tokenizer_sha256"):
         save_target_table(tmp_path / "t.safetensors", torch.randn(4, 3), {"method": "random", "manifest_sha256": "x"})
+
+
+def damage_table_values(path, swap=(1, 2), flip_signs=50) -> None:
+    """Swap two rows and flip sign bits in place: every row stays unit-norm, the header is untouched."""
+    import json
+
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start = 8 + header_len
+    dim = int(json.loads(data[8:start])["__metadata__"]["dim"])
+    row = dim * 4
+    a, b = (start + i * row for i in swap)
+    data[a:a + row], data[b:b + row] = data[b:b + row], data[a:a + row]
+    for i in range(flip_signs):
+        data[start + 4 * (i * 7 % (len(data[start:]) // 4)) + 3] ^= 0x80  # float32 little-endian: sign in byte 3
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("swap, flips", [((1, 2), 0), ((0, 0), 50)])
+def test_swapped_rows_or_flipped_signs_are_refused(tmp_path, swap, flips):
+    path = save_target_table(tmp_path / "t.safetensors", torch.randn(40, 8), META)
+    damage_table_values(path, swap, flips)
+    with pytest.raises(ValueError, match=r"t\.safetensors: its values do not match the sha256 .*pretrain targets"):
+        load_target_table(path)

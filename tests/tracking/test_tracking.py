@@ -214,3 +214,54 @@ def test_records_larger_than_one_mlflow_request_are_sent_whole(tmp_path):
     assert [n for kind, n in sizes if kind == "metrics"] == [1000, 1000, 500]
     assert [n for kind, n in sizes if kind == "params"] == [100, 100, 50]
     assert [n for kind, n in sizes if kind == "tags"] == [100, 30]
+
+
+def test_a_hung_server_costs_one_timeout_per_record_not_two(tmp_path, monkeypatch, caplog):
+    """A server that accepts connections and never answers: the record's request times out once and
+    the tracker goes offline at once (before, a health check waited a second http_timeout_s)."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held = []  # connections accepted and never answered
+
+    def accept_forever():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    tracker = Tracker(tmp_path / "run", http_timeout_s=1)  # online on a local store, then the server "hangs":
+    tracker.tracking_uri, tracker._client = uri, MlflowClient(tracking_uri=uri)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pretrain.tracking.tracker"):
+            tracker.log_metrics({"loss": 1.0}, 1)
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert len(held) == 1  # the request only: no health check after it
+    assert "is unreachable" in caplog.text
+    records = [json.loads(line) for line in (tmp_path / "run" / "mlflow_pending.jsonl").read_text().splitlines()]
+    assert [r["metrics"] for r in records] == [{"loss": 1.0}]
+
+
+def test_sync_with_the_server_still_down_does_not_talk_of_training(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    run_dir = tmp_path / "run"
+    tracker = Tracker(run_dir, tracking_uri=f"http://127.0.0.1:{_closed_port()}", http_timeout_s=1)
+    tracker.log_metrics({"loss": 1.0}, 1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pretrain.tracking.tracker"):
+        assert cli_main(["ui", str(run_dir), "--sync"]) == 1  # records left
+    assert "Training continues" not in caplog.text and "goes on" not in caplog.text
+    assert f"the records stay in {run_dir / 'mlflow_pending.jsonl'}; rerun `pretrain ui {run_dir} --sync`" in caplog.text
