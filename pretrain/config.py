@@ -37,6 +37,8 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(4000, gt=8)
     # Sample of the corpus the tokenizer is trained on (bytes of text).
     sample_bytes: int = Field(20_000_000, gt=0)
+    # At most this many bytes of any one document go into that sample; empty -> 1% of sample_bytes.
+    sample_doc_bytes: Optional[int] = Field(None, gt=0)
     # Reuse an existing SentencePiece model instead of training one.
     model_path: Optional[str] = None
     character_coverage: float = Field(0.9995, gt=0, le=1)

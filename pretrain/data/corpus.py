@@ -31,6 +31,11 @@ from pretrain.config import REPO_ROOT
 log = logging.getLogger(__name__)
 
 GZIP_MAGIC = b"\x1f\x8b"
+# Magic numbers of common binary files that end up in a corpus directory by mistake.
+BINARY_MAGICS = {b"\x7fELF": "an ELF executable", b"PK\x03\x04": "a zip archive", b"%PDF": "a PDF", b"\x89PNG": "a PNG image", b"PAR1": "a Parquet file"}
+# Bytes looked at to tell text from binary, and the share of them that may be control or invalid bytes.
+SNIFF_BYTES = 8192
+MAX_NON_TEXT_SHARE = 0.1
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 # Warn about the first few bad lines of each kind, then only count them.
 MAX_WARNINGS = 5
@@ -65,10 +70,9 @@ def resolve_corpus_files(entries: list[str]) -> list[Path]:
         if not matches and not Path(entry).is_absolute():
             matches = _expand_entry(str(REPO_ROOT / entry))
         if not matches:
-            raise FileNotFoundError(
-                f"corpus entry {entry!r} matches no file (looked in {Path.cwd()} and {REPO_ROOT}): "
-                "fix data.corpus (files, directories or globs)"
-            )
+            # say only where it was really looked for: an absolute entry is not searched anywhere else
+            where = "an absolute path" if Path(entry).is_absolute() else f"looked in {Path.cwd()} and {REPO_ROOT}"
+            raise FileNotFoundError(f"corpus entry {entry!r} matches no file ({where}): fix data.corpus (files, directories or globs)")
         files.extend(matches)
     seen: set[Path] = set()
     unique = []
@@ -99,6 +103,22 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")
 
 
+def non_text_reason(head: bytes) -> str | None:
+    """Why the first bytes of a (decompressed) file are not text, or None when they look like text."""
+    for magic, kind in BINARY_MAGICS.items():
+        if head.startswith(magic):
+            return kind
+    if b"\x00" in head:
+        return "it holds NUL bytes"
+    text = head.decode("utf-8", errors="replace")
+    if len(head) == SNIFF_BYTES:
+        text = text[:-1]  # the cut may split the last character
+    bad = sum(1 for ch in text if ch == "\ufffd" or (ch < " " and ch not in "\t\n\r\f\v"))
+    if text and bad / len(text) > MAX_NON_TEXT_SHARE:
+        return f"{100 * bad / len(text):.0f}% of its first {len(head)} bytes are invalid UTF-8 or control characters"
+    return None
+
+
 class CorpusReader:
     """Iterate over the documents of a corpus, counting what it reads (``self.stats``).
 
@@ -126,6 +146,10 @@ class CorpusReader:
     def _file_documents(self, path: Path) -> Iterator[str]:
         try:
             with _open_binary(path) as stream:
+                reason = non_text_reason(stream.read(SNIFF_BYTES))
+                if reason:
+                    raise ValueError(f"corpus file {path} is not text ({reason}): remove it from data.corpus")
+                stream.seek(0)
                 lines = self._decoded_lines(stream, path)
                 if is_jsonl(path):
                     yield from self._jsonl_documents(lines, path)

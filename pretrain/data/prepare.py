@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import itertools
 import random
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
@@ -28,7 +26,7 @@ from pretrain.data.corpus import GZIP_MAGIC, CorpusReader
 from pretrain.data.manifest import FORMAT, MANIFEST_NAME, write_manifest
 from pretrain.data.packing import SequencePacker
 from pretrain.data.shards import ShardWriter, remove_old_shards
-from pretrain.data.tokenizer import SPECIAL_IDS, encode_batch, file_sha256, load_tokenizer, train_tokenizer
+from pretrain.data.tokenizer import SPECIAL_IDS, encode_batch, file_sha256, load_tokenizer, sample_documents, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -131,31 +129,16 @@ def estimate_text_bytes(files: list[Path]) -> int:
 
 
 def _train_on_sample(cfg: Config, reader: CorpusReader, estimated_bytes: int, tokenizer_path: Path) -> None:
-    budget = cfg.tokenizer.sample_bytes
-    keep_probability = min(1.0, budget / max(estimated_bytes, 1))
-    rng = random.Random(cfg.data.seed)
-    sampled = {"documents": 0, "bytes": 0}
-
-    def sample_lines() -> Iterator[str]:
-        for document in reader:
-            if sampled["bytes"] >= budget:
-                return
-            if rng.random() >= keep_probability:
-                continue
-            sampled["documents"] += 1
-            for line in document.split("\n"):
-                if line.strip():
-                    sampled["bytes"] += len(line.encode("utf-8"))
-                    yield line
-
-    # Peek first: SentencePiece's own error on empty input says nothing about the corpus.
-    lines = sample_lines()
-    first = next(lines, None)
-    if first is None:
+    sample = sample_documents(reader, cfg.tokenizer.sample_bytes, cfg.data.seed, cfg.tokenizer.sample_doc_bytes)
+    # Only a corpus without any document gives an empty sample; SentencePiece's own error says nothing about it.
+    if not sample.sentences:
         raise ValueError(_empty_corpus_message(cfg, reader))
-    log.info("training a %s tokenizer (vocab %d) on a %.1f%% sample of about %.1f MB", cfg.tokenizer.model_type, cfg.tokenizer.vocab_size, 100 * keep_probability, estimated_bytes / 1e6)
-    train_tokenizer(
-        itertools.chain([first], lines),
+    log.info(
+        "training a %s tokenizer (vocab %d) on %d documents (%.1f MB, %d cut to the per-document cap) of about %.1f MB",
+        cfg.tokenizer.model_type, cfg.tokenizer.vocab_size, sample.documents, sample.bytes / 1e6, sample.capped_documents, estimated_bytes / 1e6,
+    )
+    processor = train_tokenizer(
+        sample.sentences,
         tokenizer_path,
         model_type=cfg.tokenizer.model_type,
         vocab_size=cfg.tokenizer.vocab_size,
@@ -164,8 +147,14 @@ def _train_on_sample(cfg: Config, reader: CorpusReader, estimated_bytes: int, to
         # SentencePiece's multi-threaded unigram trainer gave different models for the same input
         # across runs on this machine; one thread keeps prepare reproducible.
         num_threads=1,
+        source=_files_text(reader.files),
     )
-    log.info("tokenizer trained on %d documents (%.1f MB)", sampled["documents"], sampled["bytes"] / 1e6)
+    if processor.get_piece_size() < cfg.tokenizer.vocab_size:
+        log.warning(
+            "the tokenizer has %d pieces, fewer than tokenizer.vocab_size=%d: its sample (%d documents, %.2f MB of %s) "
+            "does not support more; give a larger corpus or tokenizer.sample_bytes, or lower tokenizer.vocab_size",
+            processor.get_piece_size(), cfg.tokenizer.vocab_size, sample.documents, sample.bytes / 1e6, _files_text(reader.files),
+        )
 
 
 def _tokenize_and_write(cfg: Config, reader: CorpusReader, tokenizer, threads: int, estimated_bytes: int, progress: bool) -> dict:
@@ -213,11 +202,15 @@ def _tokenize_and_write(cfg: Config, reader: CorpusReader, tokenizer, threads: i
     return splits
 
 
+def _files_text(files: list[Path]) -> str:
+    names = [str(f) for f in files[:3]]
+    return ", ".join(names) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
+
+
 def _empty_corpus_message(cfg: Config, reader: CorpusReader) -> str:
-    files = reader.files if len(reader.files) <= 3 else [*reader.files[:3], f"... ({len(reader.files)} files)"]
     stats = reader.stats
     return (
-        f"the corpus holds no text: {[str(f) for f in files]} gave 0 documents ({stats.text_bytes} bytes read, "
+        f"the corpus holds no text: {_files_text(reader.files)} gave {stats.documents} documents ({stats.text_bytes} bytes read, "
         f"{stats.utf8_skipped_lines} lines skipped for invalid UTF-8, {stats.jsonl_skipped_records} JSONL records skipped): "
         f"check data.corpus, data.text_field ({cfg.data.text_field!r}) and data.utf8_errors"
     )

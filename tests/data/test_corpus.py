@@ -1,5 +1,6 @@
 """Reading the raw corpus: formats, document boundaries, the UTF-8 policy and bad inputs."""
 import gzip
+import random
 import json
 
 import pytest
@@ -97,3 +98,28 @@ def test_truncated_gzip_is_an_error_naming_the_file(tmp_path):
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match=r"cut\.txt\.gz is a corrupt or truncated gzip"):
         read([path])
+
+
+def test_missing_absolute_path_does_not_claim_other_places_were_searched(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError) as absolute:
+        CorpusReader([str(tmp_path / "nothere.txt")])
+    assert "nothere.txt" in str(absolute.value) and "looked in" not in str(absolute.value) and "absolute path" in str(absolute.value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"looked in {tmp_path}"):
+        CorpusReader(["relative/nothere.txt"])
+
+
+@pytest.mark.parametrize("name, payload, why", [
+    ("noise.txt", random.Random(0).randbytes(20_000), "not text"),
+    ("tool", b"\x7fELF\x02\x01\x01" + bytes(200), "ELF executable"),
+    ("noise.txt.gz", gzip.compress(random.Random(1).randbytes(20_000)), "not text"),
+])
+def test_binary_files_are_refused_with_their_name(tmp_path, name, payload, why):
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(ValueError, match=rf"{name}.*{why}.*remove it from data\.corpus"):
+        read([path])
+    # text with a few broken bytes is still text (the UTF-8 policy handles those)
+    text = tmp_path / "fine.txt"
+    text.write_bytes(b"plain words here\n" * 200 + b"one bad \xff byte\n")
+    assert len(read([text])[0]) == 201

@@ -1,6 +1,8 @@
 """`pretrain prepare`: layout, content, determinism, tokenizer reuse and bad inputs."""
 import collections
 import json
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,63 @@ def test_bpe_tokenizer_has_the_special_ids_and_round_trips(tiny_data, tmp_path):
     text = "Zebra-like ünïcode ✓ and  two spaces\tand a tab"  # unseen characters go through byte fallback
     assert sp.decode(sp.encode(text)) == text and sp.unk_id() not in sp.encode(text)
     assert (tmp_path / "bpe.vocab").read_text().count("\n") == sp.get_piece_size()
+
+
+def _wordnet_lines(tiny_data):
+    return [line for line in Path(tiny_data.data.corpus[0]).read_text().split("\n") if line.strip()]
+
+
+def test_one_huge_line_is_sampled_for_the_tokenizer(tiny_data, tmp_path):
+    """A corpus that is one 300 KB line used to give 'gave 0 documents' when the byte-rate draw skipped it."""
+    corpus = tmp_path / "one_line.txt"
+    corpus.write_text(" ".join(_wordnet_lines(tiny_data))[:300_000] + "\n")
+    manifest = prepare_dataset(derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]", "tokenizer.vocab_size=600",
+                                       "tokenizer.sample_bytes=100000", "data.valid_fraction=0"), progress=False)
+    assert manifest["vocab_size"] > 400 and manifest["corpus"]["documents"] == 1
+
+
+def test_a_huge_document_does_not_starve_the_tokenizer_sample(tiny_data, tmp_path, caplog):
+    """1.5 MB in one line amid 400 KB of normal lines: the normal lines still fill the sample and
+    the vocabulary reaches the size asked (the old byte-rate sampler stopped at the budget after the big line)."""
+    lines = _wordnet_lines(tiny_data)
+    big = " ".join(lines)[:300_000] * 5
+    corpus = tmp_path / "mixed.txt"
+    corpus.write_text("\n".join(lines[:3] + [big] + lines[3:]) + "\n")  # 4th: a document the old byte-rate draw kept (seed 0)
+    caplog.set_level("INFO", logger="pretrain.data.prepare")
+    manifest = prepare_dataset(derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]", "tokenizer.sample_bytes=600000",
+                                       "data.valid_fraction=0"), progress=False)
+    assert manifest["vocab_size"] == 1000
+    assert "fewer than tokenizer.vocab_size" not in caplog.text
+    trained = re.search(r"on (\d+) documents \(([\d.]+) MB, (\d+) cut", caplog.text)
+    assert int(trained[1]) > 0.9 * len(lines) and float(trained[2]) < 0.6 and int(trained[3]) <= 1
+
+
+def test_sample_caps_each_document_and_keeps_sentences_under_the_sentencepiece_limit():
+    from pretrain.data.tokenizer import MAX_SENTENCE_BYTES, sample_documents
+
+    docs = ["word " * 100_000, *(f"line {i} of text" for i in range(1000))]
+    sample = sample_documents(docs, budget_bytes=200_000, seed=0, doc_cap_bytes=50_000)
+    assert sample.documents == 1001 and sample.capped_documents == 1
+    assert max(len(s.encode()) for s in sample.sentences) <= MAX_SENTENCE_BYTES
+    assert sum(len(s.encode()) for s in sample.sentences) == sample.bytes <= 50_000 + sum(len(d) for d in docs[1:])
+    # a budget smaller than the corpus keeps a seeded subset, in corpus order, never empty
+    small = sample_documents(docs[1:], budget_bytes=1000, seed=0)
+    assert 0 < small.documents < 1000 and small.sentences == sorted(small.sentences, key=docs.index)
+    assert small.sentences == sample_documents(docs[1:], budget_bytes=1000, seed=0).sentences
+    assert sample_documents(["x" * 10], budget_bytes=1, seed=3).sentences == ["x" * 10]
+
+
+def test_a_vocabulary_smaller_than_asked_is_a_warning(tiny_data, tmp_path, caplog):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("\n".join(_wordnet_lines(tiny_data)[:40]) + "\n")
+    manifest = prepare_dataset(derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]", "tokenizer.vocab_size=3000", "data.valid_fraction=0"), progress=False)
+    assert manifest["vocab_size"] < 3000
+    assert f"the tokenizer has {manifest['vocab_size']} pieces, fewer than tokenizer.vocab_size=3000" in caplog.text and "small.txt" in caplog.text
+
+
+def test_too_many_distinct_characters_names_the_files_and_the_config_key(tiny_data, tmp_path):
+    rng = random.Random(0)
+    corpus = tmp_path / "cjk.txt"
+    corpus.write_text("\n".join("".join(chr(rng.randrange(0x4E00, 0x4E00 + 3000)) for _ in range(200)) for _ in range(300)) + "\n")
+    with pytest.raises(ValueError, match=r"cjk\.txt.*tokenizer\.character_coverage=1\.0 .*tokenizer\.vocab_size=500.*lower tokenizer\.character_coverage"):
+        prepare_dataset(derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]", "tokenizer.vocab_size=500", "tokenizer.character_coverage=1.0"), progress=False)
