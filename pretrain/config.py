@@ -45,12 +45,16 @@ class TokenizerConfig(Section):
 
 
 class DataConfig(Section):
-    # Plain text, JSONL (text_field), gzip of either; files, directories or globs.
+    # Plain text, JSONL (text_field), Parquet (column text_field), gzip/zstd; files, directories or globs.
     corpus: list[str] = Field(default_factory=lambda: ["data/corpus"])
     text_field: str = "text"
     # What one document is in a plain-text file: each non-empty "line", or a "blank_line"-separated
-    # paragraph (lines joined with "\n"). In JSONL, a document is always one record's text_field.
-    doc_separator: Literal["line", "blank_line"] = "line"
+    # paragraph (lines joined with "\n"); "auto" chooses per file (blank_line for markdown/rst/tex and
+    # hard-wrapped prose, else line). In JSONL/Parquet, a document is always one record's text_field.
+    doc_separator: Literal["auto", "line", "blank_line"] = "auto"
+    # A line/record/document longer than this (bytes) is split into pieces or skipped (oversize).
+    max_record_bytes: int = Field(16_000_000, ge=4)
+    oversize: Literal["split", "skip"] = "split"
     # Invalid UTF-8: "replace" with U+FFFD, or "skip" the line and count it.
     utf8_errors: Literal["replace", "skip"] = "replace"
     # Output directory of `pretrain prepare`; empty -> <workdir>/data.

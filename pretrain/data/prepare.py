@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pretrain.config import Config, save_resolved
-from pretrain.data.corpus import GZIP_MAGIC, CorpusReader
+from pretrain.data.corpus import GZIP_MAGIC, ZSTD_MAGIC, CorpusReader, corpus_reader
 from pretrain.data.manifest import FORMAT, MANIFEST_NAME, write_manifest
 from pretrain.data.packing import SequencePacker
 from pretrain.data.shards import ShardWriter, remove_old_shards
@@ -44,7 +44,7 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> dict:
     data_dir.mkdir(parents=True, exist_ok=True)
     # The manifest marks a complete data dir: remove it first, so an interrupted run leaves none.
     (data_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    reader = CorpusReader(cfg.data.corpus, text_field=cfg.data.text_field, doc_separator=cfg.data.doc_separator, utf8_errors=cfg.data.utf8_errors)
+    reader = corpus_reader(cfg)
     estimated_bytes = estimate_text_bytes(reader.files)
     threads = cfg.data.num_proc or os.cpu_count() or 1
 
@@ -108,22 +108,29 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> dict:
 
 
 def estimate_text_bytes(files: list[Path]) -> int:
-    """Uncompressed corpus size without reading it: file sizes, and for gzip the size in its trailer.
+    """Uncompressed corpus size without reading it: file sizes; for gzip the size in its trailer,
+    for zstd the size in its frame header when the compressor wrote it.
 
-    (The trailer holds the size modulo 4 GiB of the last member: an estimate, used only for the
-    tokenizer sampling rate and the progress bar.)
+    (The gzip trailer holds the size modulo 4 GiB of the last member: an estimate, used only for
+    the progress bar.)
     """
     total = 0
     for path in files:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            if f.read(2) == GZIP_MAGIC and size >= 18:
+            head = f.read(18)
+            if head.startswith(GZIP_MAGIC) and size >= 18:
                 f.seek(-4, os.SEEK_END)
                 stored = int.from_bytes(f.read(4), "little")
                 # gzip never grows data by more than a header and ~0.1%: a smaller value wrapped around
                 while stored + 64 + size // 1000 < size:
                     stored += 1 << 32
                 size = stored
+            elif head.startswith(ZSTD_MAGIC):
+                import zstandard
+
+                stored = zstandard.frame_content_size(head)
+                size = stored if stored >= 0 else 4 * size  # unknown: assume a typical text ratio
         total += size
     return total
 

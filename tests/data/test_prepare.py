@@ -225,3 +225,21 @@ def test_too_many_distinct_characters_names_the_files_and_the_config_key(tiny_da
     corpus.write_text("\n".join("".join(chr(rng.randrange(0x4E00, 0x4E00 + 3000)) for _ in range(200)) for _ in range(300)) + "\n")
     with pytest.raises(ValueError, match=r"cjk\.txt.*tokenizer\.character_coverage=1\.0 .*tokenizer\.vocab_size=500.*lower tokenizer\.character_coverage"):
         prepare_dataset(derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]", "tokenizer.vocab_size=500", "tokenizer.character_coverage=1.0"), progress=False)
+
+
+def test_prepare_end_to_end_from_jsonl_zst_and_parquet(tiny_data, tmp_path, unpack):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    lines = _wordnet_lines(tiny_data)[:600]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    records = "".join(json.dumps({"body": line, "id": i}) + "\n" for i, line in enumerate(lines[:300]))
+    (corpus / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(records.encode()))
+    pq.write_table(pa.table({"body": lines[300:], "n": list(range(300))}), corpus / "b.parquet", row_group_size=64)
+    reuse = f"tokenizer.model_path={tiny_data.data_dir / 'tokenizer.model'}"
+    manifest = prepare_dataset(derived(tiny_data, tmp_path, reuse, f"data.corpus=[{corpus}]", "data.text_field=body", "data.valid_fraction=0"), progress=False)
+    sp = load_tokenizer(tmp_path / "data" / "tokenizer.model")
+    assert [sp.decode(doc) for doc in split_documents(tmp_path / "data", manifest, "train", unpack)] == lines
+    assert manifest["corpus"]["documents"] == 600
