@@ -63,8 +63,12 @@ class DataConfig(Section):
     samples_per_shard: int = Field(1024, gt=0)
     valid_fraction: float = Field(0.02, ge=0, lt=1)
     seed: int = 0
-    # Tokenisation threads (SentencePiece encodes in C++ threads); 0 -> all CPU cores.
+    # Processes that tokenise the corpus's parts in parallel; 0 -> all CPU cores. The output does
+    # not depend on it.
     num_proc: int = Field(0, ge=0)
+    # An uncompressed one-document-per-line file over this size is tokenised as several parts, one
+    # per byte range (part of the output layout: the shards change with it).
+    part_bytes: int = Field(64_000_000, gt=0)
     # A corrupt shard while streaming: stop with an error, or log, count and skip it.
     on_corrupt_shard: Literal["error", "skip"] = "error"
     # Shuffle buffer (samples) inside each loader worker; 0 disables the sample-level shuffle.

@@ -50,6 +50,6 @@ def run(args: argparse.Namespace) -> int:
         )
     print(
         f"throughput: {report['encode_mb_per_s']:.2f} MB/s, {report['encode_tokens_per_s']:,.0f} tokens/s "
-        f"(tokenize+pack+write {report['encode_seconds']:.1f} s on {report['threads']} threads; total {report['total_seconds']:.1f} s)"
+        f"(tokenize+pack+write {report['encode_seconds']:.1f} s, {report['parts']} parts on {report['processes']} processes; total {report['total_seconds']:.1f} s)"
     )
     return 0

@@ -272,20 +272,20 @@ class CorpusReader:
             yield from self.file_documents(path)
 
     # Per file ----------------------------------------------------------------------------------
-    def file_documents(self, path: Path) -> Iterator[str]:
-        """The documents of one file; counts go into ``self.stats``."""
+    def file_documents(self, path: Path, start: int = 0, end: int | None = None) -> Iterator[str]:
+        """The documents of one file, or of the lines that begin in its bytes [start, end) (only for
+        a file ``splittable`` says can be read in ranges); counts go into ``self.stats``."""
         path = Path(path)
         if is_parquet(path):
             yield from self._parquet_documents(path)
             return
         try:
+            head = self._text_head(path)
             with open_decompressed(path) as stream:
-                head = stream.read(max(SNIFF_BYTES, LAYOUT_SNIFF_BYTES))
-            reason = non_text_reason(head[:SNIFF_BYTES])
-            if reason:
-                raise ValueError(f"corpus file {path} is not text ({reason}): remove it from data.corpus")
-            with open_decompressed(path) as stream:
-                lines = self._decoded_lines(stream, path, parse_whole=is_jsonl(path))
+                if start:
+                    stream.seek(start - 1)
+                    start += self._skip_line(stream) - 1  # the line that straddles start belongs to the range before
+                lines = self._decoded_lines(stream, path, parse_whole=is_jsonl(path), start=start, end=end)
                 if is_jsonl(path):
                     yield from self._jsonl_documents(lines, path)
                 elif self._separator_of(path, head) == "blank_line":
@@ -298,63 +298,97 @@ class CorpusReader:
         except OSError as exc:  # zstandard.ZstdError is one too
             raise ValueError(f"cannot read corpus file {path} (corrupt, truncated or unreadable: {exc}): re-create it or remove it from data.corpus") from None
 
-    def _separator_of(self, path: Path, head: bytes) -> str:
+    def splittable(self, path: Path) -> bool:
+        """Whether ``file_documents`` may read the file in byte ranges: uncompressed, one document per line."""
+        path = Path(path)
+        if is_parquet(path):
+            return False
+        with open(path, "rb") as probe:
+            magic = probe.read(4)
+        if magic.startswith(GZIP_MAGIC) or magic == ZSTD_MAGIC:
+            return False
+        return is_jsonl(path) or self._separator_of(path, self._text_head(path), quiet=True) == "line"
+
+    def _text_head(self, path: Path) -> bytes:
+        """The first (decompressed) bytes of a file; an error naming it if they are not text."""
+        with open_decompressed(path) as stream:
+            head = stream.read(max(SNIFF_BYTES, LAYOUT_SNIFF_BYTES))
+        reason = non_text_reason(head[:SNIFF_BYTES])
+        if reason:
+            raise ValueError(f"corpus file {path} is not text ({reason}): remove it from data.corpus")
+        return head
+
+    def _skip_line(self, stream) -> int:
+        """Read past the rest of the current line, ``max_record_bytes`` at a time; bytes read."""
+        skipped = 0
+        while (raw := stream.readline(self.max_record_bytes)):
+            skipped += len(raw)
+            if raw.endswith(b"\n"):
+                break
+        return skipped
+
+    def _separator_of(self, path: Path, head: bytes, quiet: bool = False) -> str:
         if self.doc_separator != "auto":
             return self.doc_separator
         if _base_name(path).endswith(PARAGRAPH_SUFFIXES) or looks_hard_wrapped(head.decode("utf-8", errors="replace")):
-            log.info("%s: hard-wrapped text, one document per blank-line separated paragraph (data.doc_separator=auto)", path)
+            if not quiet:
+                log.info("%s: hard-wrapped text, one document per blank-line separated paragraph (data.doc_separator=auto)", path)
             return "blank_line"
         return "line"
 
-    def _decoded_lines(self, stream, path: Path, parse_whole: bool) -> Iterator[tuple[int, str]]:
-        """(line number, text without the newline); bad UTF-8 replaced or skipped per policy.
+    def _decoded_lines(self, stream, path: Path, parse_whole: bool, start: int = 0, end: int | None = None) -> Iterator[tuple[str, str]]:
+        """(where, text without the newline) of the lines that begin before ``end``; bad UTF-8
+        replaced or skipped per policy. ``where`` is the line number, or the byte offset in a range.
 
         A line is read at most ``max_record_bytes`` at a time: a longer one is yielded in pieces
         (oversize=split, and never for JSONL: ``parse_whole``) or skipped."""
         limit = self.max_record_bytes
-        number = 0
-        while raw := stream.readline(limit):
+        position, number = start, 0
+        while (end is None or position < end) and (raw := stream.readline(limit)):
             number += 1
+            where = f"byte {position}" if start else str(number)
+            position += len(raw)
             self.stats.text_bytes += len(raw)
             if len(raw) < limit or raw.endswith(b"\n"):
-                text = self._decode(raw, path, number)
+                text = self._decode(raw, path, where)
                 if text is not None:
-                    yield number, text.rstrip("\r\n")
+                    yield where, text.rstrip("\r\n")
                 continue
             if parse_whole or self.oversize == "skip":
-                while (rest := stream.readline(limit)) and not rest.endswith(b"\n"):
-                    self.stats.text_bytes += len(rest)
-                self.stats.text_bytes += len(rest)
-                self._oversize(path, number, "skipped" + (" (a JSONL record must be parsed whole)" if parse_whole else ""))
+                skipped = self._skip_line(stream)
+                position += skipped
+                self.stats.text_bytes += skipped
+                self._oversize(path, where, "skipped" + (" (a JSONL record must be parsed whole)" if parse_whole else ""))
                 continue
-            self._oversize(path, number, "split into pieces")
+            self._oversize(path, where, "split into pieces")
             carry = b""
             while raw:
                 raw = carry + raw
                 cut = _utf8_boundary(raw) if not raw.endswith(b"\n") else len(raw)
                 raw, carry = raw[:cut], raw[cut:]
-                text = self._decode(raw, path, number)
+                text = self._decode(raw, path, where)
                 if text is not None and text.rstrip("\r\n"):
-                    yield number, text.rstrip("\r\n")
+                    yield where, text.rstrip("\r\n")
                 if raw.endswith(b"\n"):
                     break
                 raw = stream.readline(limit)
+                position += len(raw)
                 self.stats.text_bytes += len(raw)
             if carry:
-                yield number, carry.decode("utf-8", errors="replace")
+                yield where, carry.decode("utf-8", errors="replace")
 
-    def _decode(self, raw: bytes, path: Path, number: int) -> str | None:
+    def _decode(self, raw: bytes, path: Path, where: str) -> str | None:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             if self.utf8_errors == "skip":
                 self.stats.utf8_skipped_lines += 1
                 if self.stats.utf8_skipped_lines <= MAX_WARNINGS:
-                    log.warning("%s:%d: invalid UTF-8 (%s); line skipped (data.utf8_errors=skip)", path, number, exc.reason)
+                    log.warning("%s:%s: invalid UTF-8 (%s); line skipped (data.utf8_errors=skip)", path, where, exc.reason)
                 return None
             self.stats.utf8_replaced_lines += 1
             if self.stats.utf8_replaced_lines <= MAX_WARNINGS:
-                log.warning("%s:%d: invalid UTF-8 (%s); bad bytes replaced by U+FFFD (data.utf8_errors=replace)", path, number, exc.reason)
+                log.warning("%s:%s: invalid UTF-8 (%s); bad bytes replaced by U+FFFD (data.utf8_errors=replace)", path, where, exc.reason)
             return raw.decode("utf-8", errors="replace")
 
     def _oversize(self, path: Path, where, action: str) -> None:
@@ -378,13 +412,13 @@ class CorpusReader:
                 self.stats.documents += 1
                 yield piece
 
-    def _line_documents(self, lines: Iterator[tuple[int, str]]) -> Iterator[str]:
+    def _line_documents(self, lines: Iterator[tuple[str, str]]) -> Iterator[str]:
         for _, text in lines:
             if text.strip():
                 self.stats.documents += 1
                 yield text
 
-    def _paragraph_documents(self, lines: Iterator[tuple[int, str]], path: Path) -> Iterator[str]:
+    def _paragraph_documents(self, lines: Iterator[tuple[str, str]], path: Path) -> Iterator[str]:
         paragraph: list[str] = []
         size = 0
         skipping = False  # the rest of a paragraph dropped for its size (oversize=skip)
@@ -405,7 +439,7 @@ class CorpusReader:
         if paragraph:
             yield from self._limited("\n".join(paragraph), path, "end")
 
-    def _jsonl_documents(self, lines: Iterator[tuple[int, str]], path: Path) -> Iterator[str]:
+    def _jsonl_documents(self, lines: Iterator[tuple[str, str]], path: Path) -> Iterator[str]:
         records = documents = 0
         first_keys = None
         for number, text in lines:
@@ -461,10 +495,10 @@ class CorpusReader:
                 if value.strip():
                     yield from self._limited(value, path, f"row {row}")
 
-    def _skip_record(self, path: Path, number: int, why: str) -> None:
+    def _skip_record(self, path: Path, where: str, why: str) -> None:
         self.stats.jsonl_skipped_records += 1
         if self.stats.jsonl_skipped_records <= MAX_WARNINGS:
-            log.warning("%s:%d: JSONL record skipped: %s", path, number, why)
+            log.warning("%s:%s: JSONL record skipped: %s", path, where, why)
 
 
 def corpus_reader(cfg) -> CorpusReader:

@@ -1,29 +1,40 @@
 """`pretrain prepare` end to end: corpus -> tokenizer -> packed sequences -> shards + manifest.
 
-Two passes over the corpus, none holding it in memory:
-1. a seeded sample of documents (about ``tokenizer.sample_bytes``) trains SentencePiece, unless
-   ``tokenizer.model_path`` names a model to reuse;
-2. every document is tokenised (SentencePiece's own threads, ``data.num_proc``), sent to the train
-   or valid split (a seeded draw per document, so no document straddles the splits), packed
-   and written to shards.
-Same corpus + same config ⇒ byte-identical tokenizer, shards and manifest. Timings do not go
-into the manifest (it would no longer be reproducible) but into ``prepare_report.json``.
+Steps, none holding the corpus in memory:
+1. tokenizer: a seeded sample of documents (about ``tokenizer.sample_bytes``) trains SentencePiece,
+   unless ``tokenizer.model_path`` names a model to reuse (one step, one process);
+2. parts: the corpus is cut into parts, each file one part, and an uncompressed one-document-per-
+   line file (plain text or JSONL) over ``data.part_bytes`` one part per byte range of that size
+   (a line belongs to the range it starts in). Each part is tokenised, its documents sent to the
+   train or valid split (a draw seeded by the part, so no document straddles the splits), packed
+   and written to its own shards ``<split>/shard-<part>-<n>.tar``, and its result to
+   ``parts/part-<part>.json``. Parts are independent: a pool of ``data.num_proc`` processes
+   (SentencePiece keeps nothing worth sharing) or the tasks of a SLURM array run them in any order;
+   each process holds one chunk of documents and one open shard at a time;
+3. manifest: every part's result is checked (present, for the same slice of the same file, shards
+   present with their size and sha256) and merged, in part order, into manifest.json.
+Same corpus + same config ⇒ byte-identical tokenizer, shards and manifest, whatever the number
+of processes or tasks. Only the last sequence of each part and split is padded. Timings do not
+go into the manifest (it would no longer be reproducible) but into ``prepare_report.json``.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
+import multiprocessing
 import os
 import random
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pretrain.config import Config, save_resolved
-from pretrain.data.corpus import GZIP_MAGIC, ZSTD_MAGIC, CorpusReader, corpus_reader
-from pretrain.data.manifest import FORMAT, MANIFEST_NAME, write_manifest
+from pretrain.data.corpus import GZIP_MAGIC, ZSTD_MAGIC, CorpusReader, CorpusStats, corpus_reader
+from pretrain.data.manifest import FORMAT, MANIFEST_NAME, PREPARE_HINT, write_manifest
 from pretrain.data.packing import SequencePacker
 from pretrain.data.shards import ShardWriter, remove_old_shards
 from pretrain.data.tokenizer import SPECIAL_IDS, encode_batch, file_sha256, load_tokenizer, sample_documents, train_tokenizer
@@ -33,23 +44,73 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "valid")
 TOKENIZER_FILE = "tokenizer.model"
 REPORT_NAME = "prepare_report.json"
-# Documents handed to SentencePiece per encode call: large enough to keep its threads busy.
+PARTS_DIR = "parts"
+# Documents handed to SentencePiece per encode call (and all a part's process holds of them).
 ENCODE_CHUNK_BYTES = 1 << 20
 
 
-def prepare_dataset(cfg: Config, *, progress: bool = True) -> dict:
-    """Build ``cfg.data_dir`` (layout in docs/INTERFACES.md) and return its manifest."""
-    started = time.perf_counter()
-    data_dir = cfg.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    # The manifest marks a complete data dir: remove it first, so an interrupted run leaves none.
-    (data_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    reader = corpus_reader(cfg)
-    estimated_bytes = estimate_text_bytes(reader.files)
-    threads = cfg.data.num_proc or os.cpu_count() or 1
+@dataclass(frozen=True)
+class Part:
+    """A slice of the corpus that one process tokenises and writes: a file, or bytes [start, end) of it."""
 
+    index: int
+    file: str
+    start: int = 0
+    end: int | None = None  # None: to the end of the file
+
+    def describe(self) -> str:
+        return self.file if self.end is None else f"{self.file} bytes {self.start}-{self.end}"
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare_dataset(cfg: Config, *, progress: bool = True, processes: int | None = None) -> dict:
+    """Build ``cfg.data_dir`` (layout in docs/INTERFACES.md) with all three steps in this run and
+    return its manifest. ``processes`` overrides ``data.num_proc`` (0 there: all CPUs)."""
+    started = time.perf_counter()
+    reader = start_prepare(cfg)
     tokenizer_started = time.perf_counter()
-    tokenizer_path = data_dir / TOKENIZER_FILE
+    prepare_tokenizer(cfg, reader)
+    tokenizer_seconds = time.perf_counter() - tokenizer_started
+
+    encode_started = time.perf_counter()
+    parts = plan_parts(cfg, reader)
+    processes = processes or cfg.data.num_proc or available_cpus()
+    run_parts(cfg, parts, processes, progress)
+    encode_seconds = time.perf_counter() - encode_started
+    manifest = write_dataset_manifest(cfg, reader, parts)
+
+    total_tokens = sum(s["tokens"] for s in manifest["splits"].values())
+    text_bytes = manifest["corpus"]["text_bytes"]
+    report = {
+        "text_bytes": text_bytes,
+        "documents": manifest["corpus"]["documents"],
+        "tokens": total_tokens,
+        "parts": len(parts),
+        "tokenizer_seconds": round(tokenizer_seconds, 3),
+        "encode_seconds": round(encode_seconds, 3),
+        "total_seconds": round(time.perf_counter() - started, 3),
+        "encode_mb_per_s": round(text_bytes / 1e6 / max(encode_seconds, 1e-9), 3),
+        "encode_tokens_per_s": round(total_tokens / max(encode_seconds, 1e-9), 1),
+        "processes": min(processes, len(parts)),
+    }
+    (cfg.data_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return manifest
+
+
+def start_prepare(cfg: Config) -> CorpusReader:
+    """Create the data dir and remove its manifest (it marks a complete data dir: an interrupted run
+    must leave none); the corpus reader."""
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.data_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    return corpus_reader(cfg)
+
+
+def prepare_tokenizer(cfg: Config, reader: CorpusReader) -> Path:
+    """Step 1: train the tokenizer on a sample of the corpus, or copy ``tokenizer.model_path``."""
+    tokenizer_path = cfg.data_dir / TOKENIZER_FILE
     if cfg.tokenizer.model_path:
         source = Path(cfg.tokenizer.model_path)
         if not source.is_file():
@@ -62,21 +123,139 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> dict:
             shutil.copyfile(source, tokenizer_path)
         log.info("reusing tokenizer %s", source)
     else:
-        _train_on_sample(cfg, reader, estimated_bytes, tokenizer_path)
-    tokenizer = load_tokenizer(tokenizer_path)
-    tokenizer_seconds = time.perf_counter() - tokenizer_started
+        _train_on_sample(cfg, reader, estimate_text_bytes(reader.files), tokenizer_path)
+    return tokenizer_path
 
-    encode_started = time.perf_counter()
-    splits = _tokenize_and_write(cfg, reader, tokenizer, threads, estimated_bytes, progress)
-    encode_seconds = time.perf_counter() - encode_started
-    if reader.stats.documents == 0:
+
+def plan_parts(cfg: Config, reader: CorpusReader) -> list[Part]:
+    """The corpus's parts, in corpus order; they depend only on the files and data.part_bytes."""
+    parts: list[Part] = []
+    for path in reader.files:
+        size = path.stat().st_size
+        if size > cfg.data.part_bytes and reader.splittable(path):
+            for start in range(0, size, cfg.data.part_bytes):
+                parts.append(Part(len(parts), str(path), start, min(start + cfg.data.part_bytes, size)))
+        else:
+            parts.append(Part(len(parts), str(path)))
+    return parts
+
+
+def run_parts(cfg: Config, parts: list[Part], processes: int, progress: bool = False) -> None:
+    """Step 2 for ``parts``: in this process when ``processes`` is 1, else in a pool of processes."""
+    bar = tqdm(total=sum(Path(p.file).stat().st_size if p.end is None else p.end - p.start for p in parts),
+               unit="B", unit_scale=True, desc="tokenize", disable=not progress, mininterval=0.5)
+    if processes <= 1 or len(parts) <= 1:
+        _init_part_worker(cfg)
+        results = map(process_part, parts)
+    else:
+        # forkserver: no fork of a process whose threads (tqdm's monitor) may hold locks
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=min(processes, len(parts)), mp_context=multiprocessing.get_context("forkserver"),
+            initializer=_init_part_worker, initargs=(cfg,),
+        )
+        results = pool.map(process_part, parts)
+    try:
+        for part, result in zip(parts, results):
+            bar.update(Path(part.file).stat().st_size if part.end is None else part.end - part.start)
+    finally:
+        bar.close()
+        if processes > 1 and len(parts) > 1:
+            pool.shutdown(cancel_futures=True)
+
+
+# One part, in whichever process runs it -------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_part_worker(cfg: Config) -> None:
+    _WORKER.update(cfg=cfg, reader=corpus_reader(cfg), tokenizer=load_tokenizer(cfg.data_dir / TOKENIZER_FILE))
+
+
+def process_part(part: Part) -> dict:
+    """Tokenise, split, pack and write one part; its result (also written to parts/part-N.json)."""
+    cfg, reader, tokenizer = _WORKER["cfg"], _WORKER["reader"], _WORKER["tokenizer"]
+    data_dir = cfg.data_dir
+    for split in SPLITS:
+        remove_old_shards(data_dir, split, part=part.index)
+    writers = {s: ShardWriter(data_dir, s, cfg.data.samples_per_shard, part=part.index) for s in SPLITS}
+    packers = {s: SequencePacker(cfg.data.seq_len, eos_id=SPECIAL_IDS["eos"], pad_id=SPECIAL_IDS["pad"]) for s in SPLITS}
+    # seeded by the part alone: the same draws whichever process or task runs it (part 0 of a
+    # one-file corpus draws exactly as the single-stream prepare did, seed + 1)
+    split_rng = random.Random(cfg.data.seed + 1 + (part.index << 32))
+    documents_per_split = {s: 0 for s in SPLITS}
+    reader.stats = CorpusStats(files=[part.file])
+
+    def write_chunk(chunk: list[str]) -> None:
+        by_split: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+        for ids in encode_batch(tokenizer, chunk, 1):
+            by_split["valid" if split_rng.random() < cfg.data.valid_fraction else "train"].append(ids)
+        for split, docs in by_split.items():
+            documents_per_split[split] += len(docs)
+            for input_ids, doc_ids in packers[split].add(docs):
+                writers[split].write(input_ids, doc_ids)
+
+    chunk: list[str] = []
+    chunk_bytes = 0
+    for document in reader.file_documents(Path(part.file), part.start, part.end):
+        chunk.append(document)
+        chunk_bytes += len(document)
+        if chunk_bytes >= ENCODE_CHUNK_BYTES:
+            write_chunk(chunk)
+            chunk, chunk_bytes = [], 0
+    if chunk:
+        write_chunk(chunk)
+    splits = {}
+    for split in SPLITS:
+        for input_ids, doc_ids in packers[split].flush():
+            writers[split].write(input_ids, doc_ids)
+        shards = writers[split].close()
+        splits[split] = {"documents": documents_per_split[split], "samples": writers[split].samples, "tokens": writers[split].tokens, "shards": shards}
+    stats = reader.stats.as_dict()
+    del stats["files"]
+    result = {"part": asdict(part), "splits": splits, "corpus": stats}
+    path = _part_result_path(data_dir, part.index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return result
+
+
+def _part_result_path(data_dir: Path, index: int) -> Path:
+    return Path(data_dir) / PARTS_DIR / f"part-{index:05d}.json"
+
+
+# Step 3 ---------------------------------------------------------------------------------------
+
+def write_dataset_manifest(cfg: Config, reader: CorpusReader, parts: list[Part]) -> dict:
+    """Check every part's result and shards, merge them in part order and write manifest.json."""
+    data_dir = cfg.data_dir
+    tokenizer_path = data_dir / TOKENIZER_FILE
+    tokenizer = load_tokenizer(tokenizer_path)
+    stats = CorpusStats(files=[str(p) for p in reader.files])
+    splits = {s: {"documents": 0, "samples": 0, "tokens": 0, "shards": []} for s in SPLITS}
+    for part in parts:
+        result = _checked_part_result(data_dir, part)
+        stats.add(CorpusStats(**result["corpus"]))
+        for split in SPLITS:
+            for key in ("documents", "samples", "tokens"):
+                splits[split][key] += result["splits"][split][key]
+            splits[split]["shards"] += result["splits"][split]["shards"]
+    # shards and results of parts a previous run had and this one has not
+    for split in SPLITS:
+        remove_old_shards(data_dir, split, keep=frozenset(s["name"] for s in splits[split]["shards"]))
+    for stale in sorted((data_dir / PARTS_DIR).glob("part-*.json")):
+        if stale not in {_part_result_path(data_dir, p.index) for p in parts}:
+            stale.unlink()
+    reader.stats = stats
+    if stats.documents == 0:
         raise ValueError(_empty_corpus_message(cfg, reader))
     if cfg.data.valid_fraction > 0 and splits["valid"]["samples"] == 0:
         raise ValueError(
-            f"no document of the {reader.stats.documents} in the corpus was drawn for the valid split "
+            f"no document of the {stats.documents} in the corpus was drawn for the valid split "
             f"(data.valid_fraction={cfg.data.valid_fraction}): use a larger corpus or valid_fraction, or 0 for no valid split"
         )
-
     manifest = {
         "format": FORMAT,
         "seq_len": cfg.data.seq_len,
@@ -86,25 +265,29 @@ def prepare_dataset(cfg: Config, *, progress: bool = True) -> dict:
         "special_ids": dict(SPECIAL_IDS),
         "seed": cfg.data.seed,
         "doc_separator": cfg.data.doc_separator,
+        "part_bytes": cfg.data.part_bytes,
         "splits": splits,
-        "corpus": reader.stats.as_dict(),
+        "corpus": stats.as_dict(),
     }
     write_manifest(data_dir, manifest)
     save_resolved(cfg, data_dir)
-    total_tokens = sum(s["tokens"] for s in splits.values())
-    report = {
-        "text_bytes": reader.stats.text_bytes,
-        "documents": reader.stats.documents,
-        "tokens": total_tokens,
-        "tokenizer_seconds": round(tokenizer_seconds, 3),
-        "encode_seconds": round(encode_seconds, 3),
-        "total_seconds": round(time.perf_counter() - started, 3),
-        "encode_mb_per_s": round(reader.stats.text_bytes / 1e6 / max(encode_seconds, 1e-9), 3),
-        "encode_tokens_per_s": round(total_tokens / max(encode_seconds, 1e-9), 1),
-        "threads": threads,
-    }
-    (data_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return manifest
+
+
+def _checked_part_result(data_dir: Path, part: Part) -> dict:
+    path = _part_result_path(data_dir, part.index)
+    rerun = f"rerun that part (pretrain prepare --step parts), or {PREPARE_HINT}"
+    if not path.is_file():
+        raise FileNotFoundError(f"part {part.index} ({part.describe()}) has no result {path}: its prepare task did not finish; {rerun}")
+    result = json.loads(path.read_text())
+    if result.get("part") != asdict(part):
+        raise ValueError(f"{path} is for {result.get('part')}, not for part {part.index} of this corpus ({part.describe()}): the corpus or data.part_bytes changed; {rerun}")
+    for split in SPLITS:
+        for shard in result["splits"][split]["shards"]:
+            shard_path = data_dir / shard["name"]
+            if not shard_path.is_file() or shard_path.stat().st_size != shard["bytes"] or file_sha256(shard_path) != shard["sha256"]:
+                raise ValueError(f"shard {shard_path} of part {part.index} ({part.describe()}) is missing or not the one {path} records; {rerun}")
+    return result
 
 
 def estimate_text_bytes(files: list[Path]) -> int:
@@ -162,51 +345,6 @@ def _train_on_sample(cfg: Config, reader: CorpusReader, estimated_bytes: int, to
             "does not support more; give a larger corpus or tokenizer.sample_bytes, or lower tokenizer.vocab_size",
             processor.get_piece_size(), cfg.tokenizer.vocab_size, sample.documents, sample.bytes / 1e6, _files_text(reader.files),
         )
-
-
-def _tokenize_and_write(cfg: Config, reader: CorpusReader, tokenizer, threads: int, estimated_bytes: int, progress: bool) -> dict:
-    data_dir = cfg.data_dir
-    for split in SPLITS:
-        remove_old_shards(data_dir, split)
-    writers = {s: ShardWriter(data_dir, s, cfg.data.samples_per_shard) for s in SPLITS}
-    packers = {s: SequencePacker(cfg.data.seq_len, eos_id=SPECIAL_IDS["eos"], pad_id=SPECIAL_IDS["pad"]) for s in SPLITS}
-    split_rng = random.Random(cfg.data.seed + 1)  # independent of the tokenizer sample's draws
-    documents_per_split = {s: 0 for s in SPLITS}
-
-    def write_chunk(chunk: list[str]) -> None:
-        by_split: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
-        for ids in encode_batch(tokenizer, chunk, threads):
-            split = "valid" if split_rng.random() < cfg.data.valid_fraction else "train"
-            by_split[split].append(ids)
-        for split, docs in by_split.items():
-            documents_per_split[split] += len(docs)
-            for input_ids, doc_ids in packers[split].add(docs):
-                writers[split].write(input_ids, doc_ids)
-
-    bar = tqdm(total=estimated_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress, mininterval=0.5)
-    chunk: list[str] = []
-    chunk_bytes = 0
-    bytes_seen = 0
-    for document in reader:
-        chunk.append(document)
-        chunk_bytes += len(document)
-        if chunk_bytes >= ENCODE_CHUNK_BYTES:
-            write_chunk(chunk)
-            chunk, chunk_bytes = [], 0
-            bar.update(reader.stats.text_bytes - bytes_seen)
-            bytes_seen = reader.stats.text_bytes
-    if chunk:
-        write_chunk(chunk)
-    bar.update(reader.stats.text_bytes - bytes_seen)
-    bar.close()
-
-    splits = {}
-    for split in SPLITS:
-        for input_ids, doc_ids in packers[split].flush():
-            writers[split].write(input_ids, doc_ids)
-        shards = writers[split].close()
-        splits[split] = {"documents": documents_per_split[split], "samples": writers[split].samples, "tokens": writers[split].tokens, "shards": shards}
-    return splits
 
 
 def _files_text(files: list[Path]) -> str:
