@@ -69,6 +69,9 @@ class DataConfig(Section):
     # An uncompressed one-document-per-line file over this size is tokenised as several parts, one
     # per byte range (part of the output layout: the shards change with it).
     part_bytes: int = Field(64_000_000, gt=0)
+    # Only a valid split, of the whole corpus, with tokenizer.model_path: a held-out set to score a
+    # model on (`pretrain prepare --eval-only`).
+    eval_only: bool = False
     # A corrupt shard while streaming: stop with an error, or log, count and skip it.
     on_corrupt_shard: Literal["error", "skip"] = "error"
     # Shuffle buffer (samples) inside each loader worker; 0 disables the sample-level shuffle.

@@ -21,18 +21,22 @@ and hard-wrapped prose, else line. Records over data.max_record_bytes are split 
 examples:
   pretrain prepare                                   # the embedded demo corpus, configs/tiny.yaml
   pretrain prepare configs/tiny.yaml data.corpus='[my/texts/*.jsonl.gz]' data.text_field=content
-  pretrain prepare tokenizer.model_path=runs/tiny/data/tokenizer.model data.dir=runs/other/data"""
+  pretrain prepare tokenizer.model_path=runs/tiny/data/tokenizer.model data.dir=runs/other/data
+  pretrain prepare --eval-only tokenizer.model_path=runs/tiny/data/tokenizer.model data.corpus='[held_out/]' data.dir=runs/heldout"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+    parser.add_argument("--eval-only", action="store_true", help="held-out corpus: write only a valid split of all of it, with tokenizer.model_path (data.eval_only=true)")
 
 
 def run(args: argparse.Namespace) -> int:
     from pretrain.data.prepare import REPORT_NAME, prepare_dataset
 
     cfg = config_from_args(args)
+    if args.eval_only:
+        cfg.data.eval_only = True
     manifest = prepare_dataset(cfg, progress=not args.no_progress)
     report = json.loads((cfg.data_dir / REPORT_NAME).read_text())
     corpus = manifest["corpus"]

@@ -42,6 +42,11 @@ from pretrain.data.tokenizer import SPECIAL_IDS, encode_batch, file_sha256, load
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid")
+
+
+def output_splits(cfg: Config) -> tuple[str, ...]:
+    """The splits prepare writes: both, or only valid for a held-out corpus (data.eval_only)."""
+    return ("valid",) if cfg.data.eval_only else SPLITS
 TOKENIZER_FILE = "tokenizer.model"
 REPORT_NAME = "prepare_report.json"
 PARTS_DIR = "parts"
@@ -111,6 +116,11 @@ def start_prepare(cfg: Config) -> CorpusReader:
 def prepare_tokenizer(cfg: Config, reader: CorpusReader) -> Path:
     """Step 1: train the tokenizer on a sample of the corpus, or copy ``tokenizer.model_path``."""
     tokenizer_path = cfg.data_dir / TOKENIZER_FILE
+    if cfg.data.eval_only and not cfg.tokenizer.model_path:
+        raise ValueError(
+            "data.eval_only (pretrain prepare --eval-only) scores a held-out corpus with an existing tokenizer: "
+            "set tokenizer.model_path to the model's tokenizer.model (e.g. <workdir>/data/tokenizer.model)"
+        )
     if cfg.tokenizer.model_path:
         source = Path(cfg.tokenizer.model_path)
         if not source.is_file():
@@ -176,20 +186,22 @@ def process_part(part: Part) -> dict:
     """Tokenise, split, pack and write one part; its result (also written to parts/part-N.json)."""
     cfg, reader, tokenizer = _WORKER["cfg"], _WORKER["reader"], _WORKER["tokenizer"]
     data_dir = cfg.data_dir
-    for split in SPLITS:
+    splits_out = output_splits(cfg)
+    for split in splits_out:
         remove_old_shards(data_dir, split, part=part.index)
-    writers = {s: ShardWriter(data_dir, s, cfg.data.samples_per_shard, part=part.index) for s in SPLITS}
-    packers = {s: SequencePacker(cfg.data.seq_len, eos_id=SPECIAL_IDS["eos"], pad_id=SPECIAL_IDS["pad"]) for s in SPLITS}
+    writers = {s: ShardWriter(data_dir, s, cfg.data.samples_per_shard, part=part.index) for s in splits_out}
+    packers = {s: SequencePacker(cfg.data.seq_len, eos_id=SPECIAL_IDS["eos"], pad_id=SPECIAL_IDS["pad"]) for s in splits_out}
     # seeded by the part alone: the same draws whichever process or task runs it (part 0 of a
     # one-file corpus draws exactly as the single-stream prepare did, seed + 1)
     split_rng = random.Random(cfg.data.seed + 1 + (part.index << 32))
-    documents_per_split = {s: 0 for s in SPLITS}
+    documents_per_split = {s: 0 for s in splits_out}
     reader.stats = CorpusStats(files=[part.file])
 
     def write_chunk(chunk: list[str]) -> None:
-        by_split: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+        by_split: dict[str, list[list[int]]] = {s: [] for s in splits_out}
         for ids in encode_batch(tokenizer, chunk, 1):
-            by_split["valid" if split_rng.random() < cfg.data.valid_fraction else "train"].append(ids)
+            to_valid = cfg.data.eval_only or split_rng.random() < cfg.data.valid_fraction
+            by_split["valid" if to_valid else "train"].append(ids)
         for split, docs in by_split.items():
             documents_per_split[split] += len(docs)
             for input_ids, doc_ids in packers[split].add(docs):
@@ -206,7 +218,7 @@ def process_part(part: Part) -> dict:
     if chunk:
         write_chunk(chunk)
     splits = {}
-    for split in SPLITS:
+    for split in splits_out:
         for input_ids, doc_ids in packers[split].flush():
             writers[split].write(input_ids, doc_ids)
         shards = writers[split].close()
@@ -231,27 +243,28 @@ def _part_result_path(data_dir: Path, index: int) -> Path:
 def write_dataset_manifest(cfg: Config, reader: CorpusReader, parts: list[Part]) -> dict:
     """Check every part's result and shards, merge them in part order and write manifest.json."""
     data_dir = cfg.data_dir
+    splits_out = output_splits(cfg)
     tokenizer_path = data_dir / TOKENIZER_FILE
     tokenizer = load_tokenizer(tokenizer_path)
     stats = CorpusStats(files=[str(p) for p in reader.files])
-    splits = {s: {"documents": 0, "samples": 0, "tokens": 0, "shards": []} for s in SPLITS}
+    splits = {s: {"documents": 0, "samples": 0, "tokens": 0, "shards": []} for s in splits_out}
     for part in parts:
-        result = _checked_part_result(data_dir, part)
+        result = _checked_part_result(cfg, part)
         stats.add(CorpusStats(**result["corpus"]))
-        for split in SPLITS:
+        for split in splits_out:
             for key in ("documents", "samples", "tokens"):
                 splits[split][key] += result["splits"][split][key]
             splits[split]["shards"] += result["splits"][split]["shards"]
     # shards and results of parts a previous run had and this one has not
     for split in SPLITS:
-        remove_old_shards(data_dir, split, keep=frozenset(s["name"] for s in splits[split]["shards"]))
+        remove_old_shards(data_dir, split, keep=frozenset(s["name"] for s in splits.get(split, {"shards": []})["shards"]))
     for stale in sorted((data_dir / PARTS_DIR).glob("part-*.json")):
         if stale not in {_part_result_path(data_dir, p.index) for p in parts}:
             stale.unlink()
     reader.stats = stats
     if stats.documents == 0:
         raise ValueError(_empty_corpus_message(cfg, reader))
-    if cfg.data.valid_fraction > 0 and splits["valid"]["samples"] == 0:
+    if cfg.data.valid_fraction > 0 and not cfg.data.eval_only and splits["valid"]["samples"] == 0:
         raise ValueError(
             f"no document of the {stats.documents} in the corpus was drawn for the valid split "
             f"(data.valid_fraction={cfg.data.valid_fraction}): use a larger corpus or valid_fraction, or 0 for no valid split"
@@ -266,6 +279,7 @@ def write_dataset_manifest(cfg: Config, reader: CorpusReader, parts: list[Part])
         "seed": cfg.data.seed,
         "doc_separator": cfg.data.doc_separator,
         "part_bytes": cfg.data.part_bytes,
+        "eval_only": cfg.data.eval_only,
         "splits": splits,
         "corpus": stats.as_dict(),
     }
@@ -274,7 +288,8 @@ def write_dataset_manifest(cfg: Config, reader: CorpusReader, parts: list[Part])
     return manifest
 
 
-def _checked_part_result(data_dir: Path, part: Part) -> dict:
+def _checked_part_result(cfg: Config, part: Part) -> dict:
+    data_dir = cfg.data_dir
     path = _part_result_path(data_dir, part.index)
     rerun = f"rerun that part (pretrain prepare --step parts), or {PREPARE_HINT}"
     if not path.is_file():
@@ -282,7 +297,7 @@ def _checked_part_result(data_dir: Path, part: Part) -> dict:
     result = json.loads(path.read_text())
     if result.get("part") != asdict(part):
         raise ValueError(f"{path} is for {result.get('part')}, not for part {part.index} of this corpus ({part.describe()}): the corpus or data.part_bytes changed; {rerun}")
-    for split in SPLITS:
+    for split in output_splits(cfg):
         for shard in result["splits"][split]["shards"]:
             shard_path = data_dir / shard["name"]
             if not shard_path.is_file() or shard_path.stat().st_size != shard["bytes"] or file_sha256(shard_path) != shard["sha256"]:

@@ -266,3 +266,25 @@ def test_parallel_prepare_is_byte_identical_to_one_process(tiny_data, tmp_path, 
     decoded = {split: [sp.decode(doc) for doc in split_documents(tmp_path / "p1" / "data", manifest, split, unpack)] for split in ("train", "valid")}
     assert sorted(decoded["train"] + decoded["valid"]) == sorted(lines) and len(decoded["train"]) + len(decoded["valid"]) == len(lines)
     assert manifest["corpus"]["text_bytes"] == sum(f.stat().st_size for f in corpus.iterdir())
+
+
+def test_eval_only_writes_just_a_valid_split_of_the_whole_corpus(tiny_data, tmp_path, unpack, capsys):
+    lines = _wordnet_lines(tiny_data)[:300]
+    corpus = tmp_path / "heldout.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    overrides = [f"workdir={tmp_path}", f"data.corpus=[{corpus}]", "data.seq_len=32", "data.valid_fraction=0.1"]
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "shard-00000-00000.tar").write_bytes(b"stale train shard of an earlier full prepare")
+    assert main(["prepare", "--no-progress", "--eval-only", *overrides]) == 1
+    assert "tokenizer.model_path" in capsys.readouterr().err
+    assert main(["prepare", "--no-progress", "--eval-only", *overrides, f"tokenizer.model_path={tiny_data.data_dir / 'tokenizer.model'}"]) == 0
+    manifest = load_manifest(tmp_path / "data")
+    assert list(manifest["splits"]) == ["valid"] and manifest["eval_only"] is True
+    assert manifest["tokenizer_sha256"] == file_sha256(tiny_data.data_dir / "tokenizer.model")
+    assert not list((tmp_path / "data" / "train").glob("*.tar"))
+    sp = load_tokenizer(tmp_path / "data" / "tokenizer.model")
+    assert [sp.decode(doc) for doc in split_documents(tmp_path / "data", manifest, "valid", unpack)] == lines
+    from pretrain.data.stream import build_loader
+
+    with pytest.raises(ValueError, match=r"split 'train' is not in"):  # the stream refuses a split it does not have
+        build_loader(tmp_path / "data", "train", batch_size=4, rank=0, world_size=1, num_workers=0, seed=0)
