@@ -37,18 +37,24 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(4000, gt=8)
     # Sample of the corpus the tokenizer is trained on (bytes of text).
     sample_bytes: int = Field(20_000_000, gt=0)
+    # At most this many bytes of any one document go into that sample; empty -> 1% of sample_bytes.
+    sample_doc_bytes: Optional[int] = Field(None, gt=0)
     # Reuse an existing SentencePiece model instead of training one.
     model_path: Optional[str] = None
     character_coverage: float = Field(0.9995, gt=0, le=1)
 
 
 class DataConfig(Section):
-    # Plain text, JSONL (text_field), gzip of either; files, directories or globs.
+    # Plain text, JSONL (text_field), Parquet (column text_field), gzip/zstd; files, directories or globs.
     corpus: list[str] = Field(default_factory=lambda: ["data/corpus"])
     text_field: str = "text"
     # What one document is in a plain-text file: each non-empty "line", or a "blank_line"-separated
-    # paragraph (lines joined with "\n"). In JSONL, a document is always one record's text_field.
-    doc_separator: Literal["line", "blank_line"] = "line"
+    # paragraph (lines joined with "\n"); "auto" chooses per file (blank_line for markdown/rst/tex and
+    # hard-wrapped prose, else line). In JSONL/Parquet, a document is always one record's text_field.
+    doc_separator: Literal["auto", "line", "blank_line"] = "auto"
+    # A line/record/document longer than this (bytes) is split into pieces or skipped (oversize).
+    max_record_bytes: int = Field(16_000_000, ge=4)
+    oversize: Literal["split", "skip"] = "split"
     # Invalid UTF-8: "replace" with U+FFFD, or "skip" the line and count it.
     utf8_errors: Literal["replace", "skip"] = "replace"
     # Output directory of `pretrain prepare`; empty -> <workdir>/data.
@@ -57,8 +63,15 @@ class DataConfig(Section):
     samples_per_shard: int = Field(1024, gt=0)
     valid_fraction: float = Field(0.02, ge=0, lt=1)
     seed: int = 0
-    # Tokenisation threads (SentencePiece encodes in C++ threads); 0 -> all CPU cores.
+    # Processes that tokenise the corpus's parts in parallel; 0 -> all CPU cores. The output does
+    # not depend on it.
     num_proc: int = Field(0, ge=0)
+    # An uncompressed one-document-per-line file over this size is tokenised as several parts, one
+    # per byte range (part of the output layout: the shards change with it).
+    part_bytes: int = Field(64_000_000, gt=0)
+    # Only a valid split, of the whole corpus, with tokenizer.model_path: a held-out set to score a
+    # model on (`pretrain prepare --eval-only`).
+    eval_only: bool = False
     # A corrupt shard while streaming: stop with an error, or log, count and skip it.
     on_corrupt_shard: Literal["error", "skip"] = "error"
     # Shuffle buffer (samples) inside each loader worker; 0 disables the sample-level shuffle.

@@ -235,7 +235,11 @@ def _data_section(data: dict) -> list[str]:
     prep, enc = data["prepare_encode_pack_write"], data["sentencepiece_encode"]
     threads = sorted((k for k in enc if k.startswith("threads_") and k != "threads_ratio"), key=lambda k: int(k.split("_")[1]))
     rows = [
-        ["prepare: tokenise + pack + write", f"{_num(prep['mb_per_s'])} MB/s", f"{_num(prep['tokens_per_s'])} tokens/s", _plural(prep["threads"], "thread")],
+        ["prepare: tokenise + pack + write", f"{_num(prep['mb_per_s'])} MB/s", f"{_num(prep['tokens_per_s'])} tokens/s",
+         f"{prep['processes']} process{'' if prep['processes'] == 1 else 'es'}" if "processes" in prep else _plural(prep["threads"], "thread")],
+        *[[f"prepare, {name.split('_')[1]} process(es)", f"{_num(row['mb_per_s'])} MB/s", f"{_num(row['tokens_per_s'])} tokens/s",
+           f"x{row[next(k for k in row if k.startswith('ratio_vs_'))]} (ideal x{row['ideal_ratio']})"]
+          for name, row in data.get("prepare_processes", {}).items() if name.startswith("processes_")],
         *[[f"SentencePiece encode, {_plural(int(t.split('_')[1]), 'thread')}", f"{_num(enc[t]['mb_per_s'])} MB/s", f"{_num(enc[t]['tokens_per_s'])} tokens/s",
            f"all threads / 1: {_times(enc.get('threads_ratio'))}" if t == threads[-1] and len(threads) > 1 else ""] for t in threads],
         ["read shards, one process", f"{_num(data['read_shards_one_process']['samples_per_s'])} samples/s",

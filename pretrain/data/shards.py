@@ -16,7 +16,8 @@ import webdataset as wds
 
 from pretrain.data.tokenizer import file_sha256
 
-SHARD_PATTERN = "shard-{:06d}.tar"
+# Shards of each part of the corpus (see prepare.py), numbered within the part.
+SHARD_PATTERN = "shard-{part:05d}-{index:05d}.tar"
 KEY_DIGITS = 10
 # Fixed tar header fields (reproducible archives).
 TAR_MTIME = 0
@@ -47,21 +48,22 @@ def npy_array(payload: bytes, length: int) -> np.ndarray:
     return np.load(io.BytesIO(payload), allow_pickle=False)
 
 
-def sample_key(index: int) -> str:
-    """`__key__` of a sample: its zero-padded index within the split."""
-    return f"{index:0{KEY_DIGITS}d}"
+def sample_key(part: int, index: int) -> str:
+    """`__key__` of a sample: its part and its zero-padded index within that part's split."""
+    return f"{part:05d}-{index:0{KEY_DIGITS}d}"
 
 
 class ShardWriter:
-    """Write (input_ids, doc_ids) sequences of one split into shards of ``samples_per_shard``.
+    """Write (input_ids, doc_ids) sequences of one split of one corpus part into shards of ``samples_per_shard``.
 
     ``shards`` lists, per finished shard, the entry that goes into the manifest: name (relative to
     the data dir), samples, tokens (non-padding positions), bytes and sha256.
     """
 
-    def __init__(self, data_dir: str | Path, split: str, samples_per_shard: int):
+    def __init__(self, data_dir: str | Path, split: str, samples_per_shard: int, part: int = 0):
         self.data_dir = Path(data_dir)
         self.split = split
+        self.part = part
         self.samples_per_shard = samples_per_shard
         (self.data_dir / split).mkdir(parents=True, exist_ok=True)
         self.shards: list[dict] = []
@@ -75,7 +77,7 @@ class ShardWriter:
     def write(self, input_ids: np.ndarray, doc_ids: np.ndarray) -> None:
         if self._writer is None:
             self._open()
-        self._writer.write({"__key__": sample_key(self.samples), "input_ids.npy": npy_bytes(input_ids), "doc_ids.npy": npy_bytes(doc_ids)})
+        self._writer.write({"__key__": sample_key(self.part, self.samples), "input_ids.npy": npy_bytes(input_ids), "doc_ids.npy": npy_bytes(doc_ids)})
         tokens = int((doc_ids >= 0).sum())
         self.samples += 1
         self.tokens += tokens
@@ -90,7 +92,7 @@ class ShardWriter:
         return self.shards
 
     def _shard_path(self) -> Path:
-        return self.data_dir / self.split / SHARD_PATTERN.format(len(self.shards))
+        return self.data_dir / self.split / SHARD_PATTERN.format(part=self.part, index=len(self.shards))
 
     def _open(self) -> None:
         self._file = open(self._shard_path().with_suffix(".tar.tmp"), "wb")
@@ -114,10 +116,14 @@ class ShardWriter:
         self._writer = self._file = None
 
 
-def remove_old_shards(data_dir: str | Path, split: str) -> int:
-    """Delete shards a previous `prepare` left in ``<data_dir>/<split>`` (they would not match the new manifest)."""
+def remove_old_shards(data_dir: str | Path, split: str, part: int | None = None, keep: frozenset = frozenset()) -> int:
+    """Delete shards a previous `prepare` left in ``<data_dir>/<split>`` (of one ``part``, or all but
+    the names in ``keep``): they would not match the new manifest."""
     removed = 0
-    for path in sorted((Path(data_dir) / split).glob("shard-*.tar*")):
+    pattern = "shard-*.tar*" if part is None else f"shard-{part:05d}-*.tar*"
+    for path in sorted((Path(data_dir) / split).glob(pattern)):
+        if f"{split}/{path.name}" in keep:
+            continue
         path.unlink()
         removed += 1
     return removed

@@ -7,10 +7,16 @@ normalisation, keeps whitespace and falls back to bytes, so ``decode(encode(text
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
+import logging
 import os
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+log = logging.getLogger(__name__)
 
 import sentencepiece as spm
 
@@ -18,6 +24,85 @@ SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4}
 MASK_PIECE = "<mask>"
 # SentencePiece skips training sentences longer than this (bytes); long lines are rare in text.
 MAX_SENTENCE_BYTES = 1 << 15
+# No single document may fill more than this share of the tokenizer sample (unless capped explicitly).
+DEFAULT_DOC_SHARE = 0.01
+
+
+@dataclass
+class TokenizerSample:
+    """The training sentences drawn from the corpus, in corpus order, and what was drawn."""
+
+    sentences: list[str] = field(default_factory=list)
+    documents: int = 0
+    bytes: int = 0
+    capped_documents: int = 0  # documents cut to the per-document cap
+
+
+def split_long_line(line: str, limit: int = MAX_SENTENCE_BYTES) -> list[str]:
+    """``line`` cut into pieces of at most ``limit`` (>= 4) UTF-8 bytes (SentencePiece drops longer sentences)."""
+    data = line.encode("utf-8")
+    if len(data) <= limit:
+        return [line]
+    pieces, start = [], 0
+    while start < len(data):
+        end = min(start + limit, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:  # never cut inside a character
+            end -= 1
+        pieces.append(data[start:end].decode("utf-8"))
+        start = end
+    return pieces
+
+
+def sample_documents(documents: Iterable[str], budget_bytes: int, seed: int, doc_cap_bytes: int | None = None) -> TokenizerSample:
+    """A seeded uniform sample of whole documents worth about ``budget_bytes``, in one pass.
+
+    Sampling is by documents, not bytes, and each document contributes at most ``doc_cap_bytes``
+    (default: 1% of the budget), so one huge document can neither fill the sample nor be the only
+    thing in it. Every document draws a random priority; the lowest priorities that fit the budget are
+    kept (bottom-k sampling: memory stays within the budget plus one document). A non-empty corpus
+    always gives at least one document. Long lines are cut to SentencePiece's sentence limit.
+    """
+    cap = doc_cap_bytes or max(MAX_SENTENCE_BYTES, int(budget_bytes * DEFAULT_DOC_SHARE))
+    rng = random.Random(seed)
+    kept: list[tuple[float, int, int, list[str], bool]] = []  # max-heap on priority: (-priority, index, bytes, sentences, capped)
+    kept_bytes = 0
+    for index, document in enumerate(documents):
+        priority = rng.random()
+        if len(kept) and kept_bytes >= budget_bytes and priority > -kept[0][0]:
+            continue  # would be the first one dropped again
+        sentences, size, capped = _capped_sentences(document, cap)
+        if not sentences:
+            continue
+        heapq.heappush(kept, (-priority, index, size, sentences, capped))
+        kept_bytes += size
+        while len(kept) > 1 and kept_bytes - kept[0][2] >= budget_bytes:
+            kept_bytes -= heapq.heappop(kept)[2]
+    sample = TokenizerSample()
+    for _, _, size, sentences, capped in sorted(kept, key=lambda item: item[1]):
+        sample.sentences.extend(sentences)
+        sample.documents += 1
+        sample.bytes += size
+        sample.capped_documents += capped
+    return sample
+
+
+def _capped_sentences(document: str, cap: int) -> tuple[list[str], int, bool]:
+    """The non-empty lines of ``document`` (long ones cut), up to ``cap`` bytes; and whether it was cut."""
+    sentences, size = [], 0
+    for line in document.split("\n"):
+        if not line.strip():
+            continue
+        for piece in split_long_line(line):
+            data = piece.encode("utf-8")
+            if size + len(data) > cap:
+                piece = data[: cap - size].decode("utf-8", errors="ignore")
+                if piece:
+                    sentences.append(piece)
+                    size += len(piece.encode("utf-8"))
+                return sentences, size, True
+            sentences.append(piece)
+            size += len(data)
+    return sentences, size, False
 
 
 def file_sha256(path: str | Path) -> str:
@@ -37,8 +122,11 @@ def train_tokenizer(
     character_coverage: float,
     seed: int,
     num_threads: int,
+    source: str = "the training sentences",
 ) -> spm.SentencePieceProcessor:
-    """Train a SentencePiece model on ``sentences`` and write it to ``model_path`` (+ ``.vocab``)."""
+    """Train a SentencePiece model on ``sentences`` and write it to ``model_path`` (+ ``.vocab``).
+
+    ``source`` names where the sentences come from (the corpus files), for error messages."""
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
@@ -69,7 +157,15 @@ def train_tokenizer(
             minloglevel=1,
         )
     except RuntimeError as exc:
-        raise ValueError(f"SentencePiece training failed for {model_path}: {exc}") from None
+        if "required_chars" in str(exc):
+            # SentencePiece's own text names its command-line flag, not our config keys nor the input.
+            raise ValueError(
+                f"the tokenizer sample of {source} needs more distinct characters at "
+                f"tokenizer.character_coverage={character_coverage} than tokenizer.vocab_size={vocab_size} holds "
+                f"(SentencePiece: {str(exc).split('] ')[-1]}): lower tokenizer.character_coverage (e.g. 0.98) or raise "
+                "tokenizer.vocab_size; if that input is not text, remove it from data.corpus"
+            ) from None
+        raise ValueError(f"SentencePiece training failed for {model_path} on {source}: {exc}") from None
     model_path.write_bytes(model_bytes.getvalue())
     processor = load_tokenizer(model_path)
     # the human-readable piece list spm_train writes next to the model

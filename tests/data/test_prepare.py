@@ -1,6 +1,8 @@
 """`pretrain prepare`: layout, content, determinism, tokenizer reuse and bad inputs."""
 import collections
 import json
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -70,7 +72,7 @@ def test_shards_hold_the_whole_corpus_split_by_document(tiny_data, unpack):
     with tarfile.open(data_dir / manifest["splits"]["train"]["shards"][0]["name"]) as tar:
         members = tar.getmembers()
     assert {(m.mtime, m.uid, m.gid, m.uname) for m in members} == {(0, 0, 0, "pretrain")}
-    assert [m.name for m in members[:4]] == ["0000000000.doc_ids.npy", "0000000000.input_ids.npy", "0000000001.doc_ids.npy", "0000000001.input_ids.npy"]
+    assert [m.name for m in members[:4]] == ["00000-0000000000.doc_ids.npy", "00000-0000000000.input_ids.npy", "00000-0000000001.doc_ids.npy", "00000-0000000001.input_ids.npy"]
 
 
 def test_cli_rebuild_is_byte_identical_and_prints_throughput(tiny_data, tmp_path, capsys):
@@ -163,3 +165,126 @@ def test_bpe_tokenizer_has_the_special_ids_and_round_trips(tiny_data, tmp_path):
     text = "Zebra-like ünïcode ✓ and  two spaces\tand a tab"  # unseen characters go through byte fallback
     assert sp.decode(sp.encode(text)) == text and sp.unk_id() not in sp.encode(text)
     assert (tmp_path / "bpe.vocab").read_text().count("\n") == sp.get_piece_size()
+
+
+def _wordnet_lines(tiny_data):
+    return [line for line in Path(tiny_data.data.corpus[0]).read_text().split("\n") if line.strip()]
+
+
+def test_one_huge_line_is_sampled_for_the_tokenizer(tiny_data, tmp_path):
+    """A corpus that is one 300 KB line used to give 'gave 0 documents' when the byte-rate draw skipped it."""
+    corpus = tmp_path / "one_line.txt"
+    corpus.write_text(" ".join(_wordnet_lines(tiny_data))[:300_000] + "\n")
+    manifest = prepare_dataset(derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]", "tokenizer.vocab_size=600",
+                                       "tokenizer.sample_bytes=100000", "data.valid_fraction=0"), progress=False)
+    assert manifest["vocab_size"] > 400 and manifest["corpus"]["documents"] == 1
+
+
+def test_a_huge_document_does_not_starve_the_tokenizer_sample(tiny_data, tmp_path, caplog):
+    """1.5 MB in one line amid 400 KB of normal lines: the normal lines still fill the sample and
+    the vocabulary reaches the size asked (the old byte-rate sampler stopped at the budget after the big line)."""
+    lines = _wordnet_lines(tiny_data)
+    big = " ".join(lines)[:300_000] * 5
+    corpus = tmp_path / "mixed.txt"
+    corpus.write_text("\n".join(lines[:3] + [big] + lines[3:]) + "\n")  # 4th: a document the old byte-rate draw kept (seed 0)
+    caplog.set_level("INFO", logger="pretrain.data.prepare")
+    manifest = prepare_dataset(derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]", "tokenizer.sample_bytes=600000",
+                                       "data.valid_fraction=0"), progress=False)
+    assert manifest["vocab_size"] == 1000
+    assert "fewer than tokenizer.vocab_size" not in caplog.text
+    trained = re.search(r"on (\d+) documents \(([\d.]+) MB, (\d+) cut", caplog.text)
+    assert int(trained[1]) > 0.9 * len(lines) and float(trained[2]) < 0.6 and int(trained[3]) <= 1
+
+
+def test_sample_caps_each_document_and_keeps_sentences_under_the_sentencepiece_limit():
+    from pretrain.data.tokenizer import MAX_SENTENCE_BYTES, sample_documents
+
+    docs = ["word " * 100_000, *(f"line {i} of text" for i in range(1000))]
+    sample = sample_documents(docs, budget_bytes=200_000, seed=0, doc_cap_bytes=50_000)
+    assert sample.documents == 1001 and sample.capped_documents == 1
+    assert max(len(s.encode()) for s in sample.sentences) <= MAX_SENTENCE_BYTES
+    assert sum(len(s.encode()) for s in sample.sentences) == sample.bytes <= 50_000 + sum(len(d) for d in docs[1:])
+    # a budget smaller than the corpus keeps a seeded subset, in corpus order, never empty
+    small = sample_documents(docs[1:], budget_bytes=1000, seed=0)
+    assert 0 < small.documents < 1000 and small.sentences == sorted(small.sentences, key=docs.index)
+    assert small.sentences == sample_documents(docs[1:], budget_bytes=1000, seed=0).sentences
+    assert sample_documents(["x" * 10], budget_bytes=1, seed=3).sentences == ["x" * 10]
+
+
+def test_a_vocabulary_smaller_than_asked_is_a_warning(tiny_data, tmp_path, caplog):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("\n".join(_wordnet_lines(tiny_data)[:40]) + "\n")
+    manifest = prepare_dataset(derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]", "tokenizer.vocab_size=3000", "data.valid_fraction=0"), progress=False)
+    assert manifest["vocab_size"] < 3000
+    assert f"the tokenizer has {manifest['vocab_size']} pieces, fewer than tokenizer.vocab_size=3000" in caplog.text and "small.txt" in caplog.text
+
+
+def test_too_many_distinct_characters_names_the_files_and_the_config_key(tiny_data, tmp_path):
+    rng = random.Random(0)
+    corpus = tmp_path / "cjk.txt"
+    corpus.write_text("\n".join("".join(chr(rng.randrange(0x4E00, 0x4E00 + 3000)) for _ in range(200)) for _ in range(300)) + "\n")
+    with pytest.raises(ValueError, match=r"cjk\.txt.*tokenizer\.character_coverage=1\.0 .*tokenizer\.vocab_size=500.*lower tokenizer\.character_coverage"):
+        prepare_dataset(derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]", "tokenizer.vocab_size=500", "tokenizer.character_coverage=1.0"), progress=False)
+
+
+def test_prepare_end_to_end_from_jsonl_zst_and_parquet(tiny_data, tmp_path, unpack):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    lines = _wordnet_lines(tiny_data)[:600]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    records = "".join(json.dumps({"body": line, "id": i}) + "\n" for i, line in enumerate(lines[:300]))
+    (corpus / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(records.encode()))
+    pq.write_table(pa.table({"body": lines[300:], "n": list(range(300))}), corpus / "b.parquet", row_group_size=64)
+    reuse = f"tokenizer.model_path={tiny_data.data_dir / 'tokenizer.model'}"
+    manifest = prepare_dataset(derived(tiny_data, tmp_path, reuse, f"data.corpus=[{corpus}]", "data.text_field=body", "data.valid_fraction=0"), progress=False)
+    sp = load_tokenizer(tmp_path / "data" / "tokenizer.model")
+    assert [sp.decode(doc) for doc in split_documents(tmp_path / "data", manifest, "train", unpack)] == lines
+    assert manifest["corpus"]["documents"] == 600
+
+
+def test_parallel_prepare_is_byte_identical_to_one_process(tiny_data, tmp_path, unpack):
+    """Parts (two files, the first cut in 60 KB byte ranges) run in 1 or 3 processes give the same
+    shards, part results and manifest; range boundaries neither lose nor repeat a line."""
+    lines = _wordnet_lines(tiny_data)[:2400]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n".join(lines[:1600]) + "\n")
+    (corpus / "b.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines[1600:]))
+    reuse = f"tokenizer.model_path={tiny_data.data_dir / 'tokenizer.model'}"
+    outputs = {}
+    for processes in (1, 3):
+        cfg = derived(tiny_data, tmp_path / f"p{processes}", reuse, f"data.corpus=[{corpus}]", "data.part_bytes=60000", "data.samples_per_shard=64")
+        manifest = prepare_dataset(cfg, progress=False, processes=processes)
+        report = json.loads((cfg.data_dir / "prepare_report.json").read_text())
+        assert report["processes"] == processes and report["parts"] == len(list((cfg.data_dir / "parts").iterdir())) > 3
+        outputs[processes] = {p.relative_to(cfg.data_dir): p.read_bytes() for p in cfg.data_dir.rglob("*") if p.suffix in (".tar", ".json", ".model") and p.name != "prepare_report.json"}
+    assert outputs[1].keys() == outputs[3].keys() and outputs[1] == outputs[3]
+    sp = load_tokenizer(tmp_path / "p1" / "data" / "tokenizer.model")
+    decoded = {split: [sp.decode(doc) for doc in split_documents(tmp_path / "p1" / "data", manifest, split, unpack)] for split in ("train", "valid")}
+    assert sorted(decoded["train"] + decoded["valid"]) == sorted(lines) and len(decoded["train"]) + len(decoded["valid"]) == len(lines)
+    assert manifest["corpus"]["text_bytes"] == sum(f.stat().st_size for f in corpus.iterdir())
+
+
+def test_eval_only_writes_just_a_valid_split_of_the_whole_corpus(tiny_data, tmp_path, unpack, capsys):
+    lines = _wordnet_lines(tiny_data)[:300]
+    corpus = tmp_path / "heldout.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    overrides = [f"workdir={tmp_path}", f"data.corpus=[{corpus}]", "data.seq_len=32", "data.valid_fraction=0.1"]
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "shard-00000-00000.tar").write_bytes(b"stale train shard of an earlier full prepare")
+    assert main(["prepare", "--no-progress", "--eval-only", *overrides]) == 1
+    assert "tokenizer.model_path" in capsys.readouterr().err
+    assert main(["prepare", "--no-progress", "--eval-only", *overrides, f"tokenizer.model_path={tiny_data.data_dir / 'tokenizer.model'}"]) == 0
+    manifest = load_manifest(tmp_path / "data")
+    assert list(manifest["splits"]) == ["valid"] and manifest["eval_only"] is True
+    assert manifest["tokenizer_sha256"] == file_sha256(tiny_data.data_dir / "tokenizer.model")
+    assert not list((tmp_path / "data" / "train").glob("*.tar"))
+    sp = load_tokenizer(tmp_path / "data" / "tokenizer.model")
+    assert [sp.decode(doc) for doc in split_documents(tmp_path / "data", manifest, "valid", unpack)] == lines
+    from pretrain.data.stream import build_loader
+
+    with pytest.raises(ValueError, match=r"split 'train' is not in"):  # the stream refuses a split it does not have
+        build_loader(tmp_path / "data", "train", batch_size=4, rank=0, world_size=1, num_workers=0, seed=0)
