@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from pretrain.bench._timing import MIN_REPEATS, clock_name, load_average, sync, timed_seconds
 from pretrain.config import load_config
-from pretrain.engine.optim import build_optimizer
+from pretrain.engine.optim import build_optimizer, skip_single_replica_allreduce
 from pretrain.model import batch_generator, build_model
 
 HELP = "training tokens/s: continuous vs softmax head on the same encoder, per vocabulary size, with the FLOP-ideal ratio"
@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="causal: every position reaches the head (the head's cost shows fully)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=None, help="default: model.max_seq_len")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, every model one step per round (median [min, max])")
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="timed rounds, every model one step per round (median [min, max]; 9: steady on a loaded 2-core machine)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of every model first")
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sparse", help="the optimizer of every model (see above)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -107,8 +108,12 @@ class TimedModel:
             if record:
                 self.samples[phase].append(seconds)
 
+    def step_seconds(self) -> list[float]:
+        """Each timed round's full step (forward + backward + optimizer)."""
+        return [sum(parts) for parts in zip(*self.samples.values())]
+
     def summary(self, tokens: int) -> dict:
-        totals = [sum(parts) for parts in zip(*self.samples.values())]
+        totals = self.step_seconds()
         step_s = statistics.median(totals)
         out = {"tokens_per_s": round(tokens / step_s, 1), "step_ms": round(step_s * 1e3, 2),
                "step_min_max_ms": [round(min(totals) * 1e3, 2), round(max(totals) * 1e3, 2)]}
@@ -130,15 +135,21 @@ def time_models(models: dict[str, TimedModel], repeats: int, warmup: int) -> Non
             models[name].step(record=True)
 
 
-def _ratio_row(row: dict, cfgs: dict, vocab: int, seq_len: int) -> None:
+def _ratio_row(row: dict, models: dict[str, TimedModel], cfgs: dict, vocab: int, seq_len: int) -> None:
+    """continuous / softmax tokens/s as the median of the rounds' own ratios (each round's two steps ran
+    back to back, so a burst of load from another job mostly cancels), with [min, max], beside the
+    FLOP-ideal ratio."""
     if "softmax" not in row:
         return
     ideal = flops_per_token(cfgs["softmax"], vocab, seq_len)
+    softmax_s = models["softmax"].step_seconds()
     for head in ("continuous", "continuous_fused"):
         if head in row:
-            measured = row[head]["tokens_per_s"] / row["softmax"]["tokens_per_s"]
+            per_round = [s / h for s, h in zip(softmax_s, models[head].step_seconds())]
+            measured = statistics.median(per_round)
             flop_ideal = ideal / flops_per_token(cfgs[head], vocab, seq_len)
             row[f"ratio_{head}_over_softmax"] = round(measured, 3)
+            row[f"ratio_{head}_over_softmax_min_max"] = [round(min(per_round), 3), round(max(per_round), 3)]
             row[f"flop_ideal_{head}_over_softmax"] = round(flop_ideal, 3)
             row[f"fraction_of_flop_ideal_{head}"] = round(measured / flop_ideal, 3)
 
@@ -179,6 +190,7 @@ def _engine_vs_bare(cfg, vocab_size: int, device: torch.device, batch_size: int,
     bare = TimedModel(cfg, vocab_size, device, batch_size, seq_len, "sparse" if cfg.train.sparse_embedding else "fused")
     wrapped = TimedModel(cfg, vocab_size, device, batch_size, seq_len, "sparse" if cfg.train.sparse_embedding else "fused")
     engine, _, _, _ = deepspeed.initialize(model=wrapped.model, optimizer=wrapped.optimizer, config=deepspeed_config(cfg))
+    allreduce_skipped = skip_single_replica_allreduce(engine, cfg.train.zero_stage, 1)  # as the trainer does
     counter = _CollectiveCounter()
 
     def forward():
@@ -195,7 +207,7 @@ def _engine_vs_bare(cfg, vocab_size: int, device: torch.device, batch_size: int,
         wrapped.step(record=False)
     tokens = batch_size * seq_len
     bare_row, engine_row = bare.summary(tokens), wrapped.summary(tokens)
-    return {"zero_stage": cfg.train.zero_stage, "bare": bare_row, "deepspeed": engine_row,
+    return {"zero_stage": cfg.train.zero_stage, "single_replica_allreduce_skipped": allreduce_skipped, "bare": bare_row, "deepspeed": engine_row,
             "overhead_fraction": round(engine_row["step_ms"] / bare_row["step_ms"] - 1, 3),
             "collectives_per_step": counter.calls}
 
@@ -255,7 +267,7 @@ def run(args: argparse.Namespace) -> dict:
         time_models(models, args.repeats, args.warmup)
         sync(device)
         row = {"vocab_size": vocab, **{head: m.summary(args.batch_size * seq_len) for head, m in models.items()}}
-        _ratio_row(row, cfgs, vocab, seq_len)
+        _ratio_row(row, models, cfgs, vocab, seq_len)
         results.append(row)
         del models
     out = {

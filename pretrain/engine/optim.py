@@ -90,3 +90,13 @@ def build_optimizer(groups: list[dict], train_cfg) -> GuardedAdamW:
     """The trainer's optimizer (DeepSpeed's client optimizer) for the model's param groups."""
     cls = RowSparseAdamW if train_cfg.sparse_embedding else GuardedAdamW
     return cls(groups, lr=train_cfg.lr, betas=train_cfg.betas, eps=1e-8, fused=True)
+
+
+def skip_single_replica_allreduce(engine, zero_stage: int, data_parallel_size: int) -> bool:
+    """With one data-parallel replica and no ZeRO partitioning, DeepSpeed still flattens, all-reduces
+    (with itself) and copies back every gradient after each backward: turn that off. ZeRO >= 1 reduces
+    inside its optimizer's hooks, which this does not touch. Returns whether it was turned off."""
+    if zero_stage == 0 and data_parallel_size == 1 and getattr(engine, "pipeline_parallelism", False) is False:
+        engine.enable_backward_allreduce = False
+        return True
+    return False

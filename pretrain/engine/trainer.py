@@ -31,7 +31,7 @@ from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.distributed import DistEnv, detect, device_for, init_distributed
 from pretrain.engine.guards import EXIT_DIVERGED, BadStepGuard, check_run_inputs, nan_test_steps
 from pretrain.engine.metrics import MetricsLog, StepStats, Throughput, peak_memory_mb, summarize
-from pretrain.engine.optim import build_optimizer, grad_norm
+from pretrain.engine.optim import build_optimizer, grad_norm, skip_single_replica_allreduce
 from pretrain.engine.schedule import lr_for_config, set_lr
 from pretrain.engine.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.model import batch_generator, build_model
@@ -199,6 +199,7 @@ class Trainer:
         else:
             self.dp_rank, self.dp_world = self.env.rank, self.env.world_size
             self.first_stage = self.last_stage = True
+            skip_single_replica_allreduce(engine, cfg.train.zero_stage, self.dp_world)
         self.norm_from_grads = cfg.train.zero_stage == 0 and cfg.train.precision == "fp32"
         self.grad_norm_at_boundary = None
         # Dropout differs per rank; a resumed run restores these states from the checkpoint.

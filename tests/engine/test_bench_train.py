@@ -19,14 +19,15 @@ def _run(argv):
 def test_bench_train_reports_phases_ratios_and_the_flop_ideal_ratio():
     result = _run(["--vocab-sizes", "50,400"])
     assert result["device"] == "cpu" and result["seq_len"] == 8 and result["model"]["d_model"] == 16
-    assert result["clock"] == "process_cpu_time" and result["optimizer"] == "sparse" and result["repeats"] == 5
+    assert result["clock"] == "process_cpu_time" and result["optimizer"] == "sparse" and result["repeats"] == 9
     small, large = result["results"]
     for row in (small, large):
         for head in ("continuous", "continuous_fused", "softmax"):
             cell = row[head]
             assert cell["tokens_per_s"] > 0 and cell["step_min_max_ms"][0] <= cell["step_ms"] <= cell["step_min_max_ms"][1]
             assert all(cell[f"{phase}_ms"] >= 0 for phase in bench_train.PHASES)
-        assert row["ratio_continuous_over_softmax"] == round(row["continuous"]["tokens_per_s"] / row["softmax"]["tokens_per_s"], 3)
+        low, high = row["ratio_continuous_over_softmax_min_max"]
+        assert low <= row["ratio_continuous_over_softmax"] <= high  # the median of the rounds' own ratios
         assert row["fraction_of_flop_ideal_continuous"] == pytest.approx(
             row["ratio_continuous_over_softmax"] / row["flop_ideal_continuous_over_softmax"], abs=2e-3)
     # The softmax head grows with the vocabulary, the continuous head does not; so does the ideal ratio.
@@ -62,4 +63,6 @@ def test_engine_overhead_is_measured_against_the_bare_step():
     engine = result["engine"]
     assert engine["bare"]["step_ms"] > 0 and engine["deepspeed"]["step_ms"] > 0
     assert engine["overhead_fraction"] == pytest.approx(engine["deepspeed"]["step_ms"] / engine["bare"]["step_ms"] - 1, abs=2e-3)
-    assert engine["collectives_per_step"].get("all_reduce", 0) >= 1  # world size 1 still reduces
+    # One replica: DeepSpeed's own gradient all-reduce (and the sparse all-gathers) are off; the NaN guard's
+    # flag and the clipping norm remain.
+    assert engine["single_replica_allreduce_skipped"] and "all_gather" not in engine["collectives_per_step"]

@@ -96,3 +96,15 @@ def test_sparse_embedding_config_builds_a_sparse_table_and_the_row_optimizer():
 def test_sparse_embedding_refuses_zero_stages_that_densify_gradients():
     with pytest.raises(ValueError, match="train.sparse_embedding=true needs train.zero_stage=0"):
         load_config(None, ["train.sparse_embedding=true", "train.zero_stage=2"])
+
+
+@pytest.mark.parametrize("zero_stage, replicas, pipeline, skipped", [(0, 1, False, True), (0, 2, False, False),
+                                                                       (1, 1, False, False), (0, 1, True, False)])
+def test_deepspeed_self_allreduce_is_skipped_only_for_one_unpartitioned_replica(zero_stage, replicas, pipeline, skipped):
+    from types import SimpleNamespace
+
+    from pretrain.engine.optim import skip_single_replica_allreduce
+
+    engine = SimpleNamespace(enable_backward_allreduce=True, pipeline_parallelism=pipeline)
+    assert skip_single_replica_allreduce(engine, zero_stage, replicas) is skipped
+    assert engine.enable_backward_allreduce is not skipped

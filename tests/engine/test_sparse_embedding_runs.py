@@ -40,3 +40,16 @@ def test_sparse_run_resumes_exactly_from_its_step_8_checkpoint(engine_base, tiny
     for ours, theirs in zip(resumed[8:], reference[8:]):
         assert {k: ours[k] for k in PER_STEP} == {k: theirs[k] for k in PER_STEP}, f"step {ours['step']}"
     assert "resumed from" in (run_dir / "train.log").read_text()
+
+
+def test_one_process_sparse_run_trains_without_deepspeeds_self_allreduce(engine_base, tmp_path):
+    """World size 1, ZeRO-0: DeepSpeed's backward all-reduce is off (optim.skip_single_replica_allreduce);
+    the sparse gradient reaches the row optimizer uncoalesced and the run still learns."""
+    base, runs = engine_base
+    run_dir = tmp_path / "one"
+    job = launch(["train", str(base), *runs["sparse"], f"train.run_dir={run_dir}", "train.run_name=one", "train.steps=6",
+                  "train.checkpoint_every=6"], 1, tmp_path / "logs")
+    assert job.wait() == [0], job.output()
+    rows = metrics_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 7)) and rows[-1]["loss"] < rows[0]["loss"]
+    assert all(r["grad_norm"] > 0 and not r["skipped"] for r in rows)
