@@ -173,6 +173,9 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     zero_stage: Literal[0, 1, 2, 3] = 1
+    # Input embedding with row-sparse gradients and a lazy AdamW step on the batch's rows only
+    # (pretrain/engine/optim.py): the step no longer costs O(V). ZeRO-0, fp32, no pipeline.
+    sparse_embedding: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
     pipeline_stages: int = Field(1, gt=0)
     checkpoint_every: int = Field(100, gt=0)
@@ -267,6 +270,18 @@ class Config(Section):
                 f"train.pipeline_stages={self.train.pipeline_stages} needs train.zero_stage 0 or 1 "
                 f"(DeepSpeed pipeline parallelism does not support ZeRO-{self.train.zero_stage})"
             )
+        if self.train.sparse_embedding:
+            blockers = {"train.zero_stage": self.train.zero_stage != 0, "train.precision": self.train.precision != "fp32",
+                        "train.pipeline_stages": self.train.pipeline_stages > 1,
+                        "model.tie_softmax": self.model.head == "softmax" and self.model.tie_softmax}
+            if any(blockers.values()):
+                # DeepSpeed reduces sparse gradients only in its ZeRO-0 fp32 path (ZeRO-1/2/3, the bf16
+                # optimizer and the pipeline flatten every gradient into dense buffers); a tied softmax
+                # weight gets a dense gradient from the output layer.
+                raise ValueError("train.sparse_embedding=true needs train.zero_stage=0, train.precision=fp32, "
+                                 "train.pipeline_stages=1 and model.tie_softmax=false (offending: "
+                                 f"{', '.join(k for k, on in blockers.items() if on)}); change those or set "
+                                 "train.sparse_embedding=false")
         if self.train.pipeline_stages > 1:
             unsupported = {
                 "model.tie_softmax": self.model.head == "softmax" and self.model.tie_softmax,

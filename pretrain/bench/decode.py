@@ -1,8 +1,9 @@
 """`pretrain bench decode`: nearest-neighbour decoding throughput, FAISS vs plain torch matmul + topk.
 
 For each vocabulary size V a random unit table [V, D] is searched with the same queries (noisy copies
-of table rows) by every method; the result is vectors/s per method and the ratio to torch on the
-same device. With a CUDA FAISS build the GPU and sharded-GPU placements are measured too; with
+of table rows) by every method, the methods interleaved round by round (process CPU time on CPU:
+FAISS's OpenMP threads count, so a method is charged for all the cores it keeps busy); the result
+is vectors/s per method (from the median [min, max]) and the ratio to torch on the same device. With a CUDA FAISS build the GPU and sharded-GPU placements are measured too; with
 --approx the IVF and HNSW indexes are added with their recall against the exact search.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import faiss
 import torch
 
-from pretrain.bench._timing import best_seconds
+from pretrain.bench._timing import clock_name, interleaved, load_average
 from pretrain.evaluation.decoder import IndexParams, NearestNeighbourDecoder, gpu_faiss_available, recall_at_k, torch_topk
 
 HELP = "decoding throughput: FAISS (CPU/GPU/sharded) vs torch matmul+topk, V in 32k..256k"
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=256, help="vector dimension D")
     parser.add_argument("--queries", type=int, default=2048, help="predicted vectors searched per timing")
     parser.add_argument("--k", type=int, default=5, help="top-k")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method (best kept) after one warm-up")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, every method once per round (median [min, max]), after one warm-up")
     parser.add_argument("--approx", action="store_true", help="also IVF and HNSW (slow to build on CPU), with recall")
     parser.add_argument("--ivf-nlist", type=int, default=1024, help="IVF lists (k-means cells)")
     parser.add_argument("--ivf-nprobe", type=int, default=16, help="IVF lists searched per query")
@@ -47,17 +48,8 @@ def _bench_one_size(vocab_size: int, args: argparse.Namespace) -> dict:
     rows = torch.randint(0, vocab_size, (args.queries,), generator=g)
     queries = table[rows] + 0.5 / args.dim**0.5 * torch.randn(args.queries, args.dim, generator=g)
     chunk = max(1, _SCORES_PER_CHUNK // vocab_size)
-    methods: dict[str, dict] = {}
-
-    def measure(name: str, search, cuda: bool = False, build_s: float | None = None) -> torch.Tensor:
-        seconds = best_seconds(search, args.repeats, torch.device("cuda" if cuda else "cpu"))
-        ids = search()
-        methods[name] = {"vectors_per_s": round(args.queries / seconds, 1), "seconds": round(seconds, 4)}
-        if build_s is not None:
-            methods[name]["build_s"] = round(build_s, 3)
-        return ids
-
-    torch_ids = measure("torch_cpu", lambda: torch_topk(table, queries, args.k, chunk)[1])
+    searches: dict[str, object] = {"torch_cpu": lambda: torch_topk(table, queries, args.k, chunk)[1]}
+    build_seconds: dict[str, float] = {}
     placements = ["cpu"]
     if gpu_faiss_available():
         placements += ["gpu"] + (["sharded"] if faiss.get_num_gpus() > 1 else [])
@@ -69,18 +61,28 @@ def _bench_one_size(vocab_size: int, args: argparse.Namespace) -> dict:
                 continue  # no GPU HNSW in FAISS
             start = time.perf_counter()
             decoder = NearestNeighbourDecoder(table, index=index, device=placement, params=params)
-            build_s = time.perf_counter() - start
             name = f"faiss_{index}_{placement}"
-            ids = measure(name, lambda: decoder.search(queries, args.k)[1], build_s=build_s)
-            # Same table, same queries: the exact index must agree with torch; approximate ones report recall.
-            key = "top1_agreement_with_torch" if index == "flat" else "recall@1"
-            methods[name][key] = round(float((ids[:, 0] == torch_ids[:, 0]).float().mean()), 4)
-            if index != "flat":
-                methods[name][f"recall@{args.k}"] = round(recall_at_k(ids, torch_ids), 4)
-    if torch.cuda.is_available():
+            build_seconds[name] = time.perf_counter() - start
+            searches[name] = lambda decoder=decoder: decoder.search(queries, args.k)[1]
+    cuda = torch.cuda.is_available()
+    if cuda:
         table_gpu, queries_gpu = table.cuda(), queries.cuda()
-        measure("torch_cuda", lambda: torch_topk(table_gpu, queries_gpu, args.k, chunk)[1], cuda=True)
-
+        searches["torch_cuda"] = lambda: torch_topk(table_gpu, queries_gpu, args.k, chunk)[1]
+    # Every method in the same rounds (process CPU time on CPU; with a GPU, CUDA events for all).
+    timed = interleaved(searches, args.repeats, torch.device("cuda" if cuda else "cpu"))
+    methods: dict[str, dict] = {}
+    torch_ids = searches["torch_cpu"]()
+    for name, row in timed.items():
+        methods[name] = {"vectors_per_s": round(args.queries / (row["ms"] / 1e3), 1), **row}
+        if name in build_seconds:
+            methods[name]["build_s"] = round(build_seconds[name], 3)
+        if name.startswith("faiss_"):
+            # Same table, same queries: the exact index must agree with torch; approximate ones report recall.
+            ids = searches[name]()
+            key = "top1_agreement_with_torch" if "_flat_" in name else "recall@1"
+            methods[name][key] = round(float((ids[:, 0] == torch_ids[:, 0]).float().mean()), 4)
+            if "_flat_" not in name:
+                methods[name][f"recall@{args.k}"] = round(recall_at_k(ids, torch_ids), 4)
     ratios = {
         f"{name}_vs_torch_cpu": round(m["vectors_per_s"] / methods["torch_cpu"]["vectors_per_s"], 3)
         for name, m in methods.items()
@@ -118,17 +120,20 @@ def _plot(results: list[dict], path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.k < 1 or args.queries < 1 or args.dim < 1 or args.repeats < 1:
-        raise ValueError("--k, --queries, --dim and --repeats must be at least 1")
+    if args.k < 1 or args.queries < 1 or args.dim < 1:
+        raise ValueError("--k, --queries and --dim must be at least 1")
     if min(args.vocab_sizes) < args.k:
         raise ValueError(f"--vocab-sizes {min(args.vocab_sizes)} is smaller than --k {args.k}: top-k needs at least k rows")
     logging.getLogger("pretrain.evaluation.decoder").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
+    load_before = load_average()
     results = [_bench_one_size(v, args) for v in args.vocab_sizes]
     out = {
         "suite": "decode",
+        "clock": clock_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "repeats": args.repeats,
+        "load_average": {"before": load_before, "after": load_average()},
         "dim": args.dim,
         "queries": args.queries,
         "k": args.k,

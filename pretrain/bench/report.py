@@ -23,7 +23,7 @@ PLOTS = {
     "decode": "decode_vectors_per_s_vs_vocab.png",
 }
 MARKDOWN = "results.md"
-SOFTMAX_HEADS = ("softmax", "softmax_chunked")
+SOFTMAX_HEADS = ("softmax", "softmax_chunked", "adaptive_softmax", "liger", "cce")  # the softmax peers
 
 
 # What the numbers were measured on ---------------------------------------------------------------
@@ -97,18 +97,27 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def loss_rows(loss: dict) -> list[dict]:
-    """Per V and head: ms, peak MiB and softmax / head for both (softmax rows included, as 1×)."""
+    """Per V and measured head: median ms [min, max], peak MiB, softmax (and chunked CE) / head, FLOP-ideal V/D."""
     rows = []
     for vocab in sorted(loss["results"], key=int):
-        heads = loss["results"][vocab]
-        softmax = heads["softmax"]
+        heads = {h: c for h, c in loss["results"][vocab].items() if "ms" in c}
+        softmax, chunked = heads["softmax"], heads.get("softmax_chunked", {})
         for head, cell in heads.items():
             rows.append({
-                "vocab": int(vocab), "head": head, "ms": cell["ms"], "peak_mib": cell.get("peak_mib"),
+                "vocab": int(vocab), "head": head, "ms": cell["ms"], "min_ms": cell.get("min_ms"), "max_ms": cell.get("max_ms"),
+                "peak_mib": cell.get("peak_mib"),
                 "time_ratio": _ratio(softmax["ms"], cell["ms"]),
+                "chunked_time_ratio": _ratio(chunked.get("ms"), cell["ms"]),
                 "memory_ratio": _ratio(softmax.get("peak_mib"), cell.get("peak_mib")),
+                "chunked_memory_ratio": _ratio(chunked.get("peak_mib"), cell.get("peak_mib")),
+                "flop_ideal": int(vocab) / cell["dim"] if "dim" in cell else None,
             })
     return rows
+
+
+def loss_skipped(loss: dict) -> dict[str, str]:
+    """Peers a run could not measure (e.g. the GPU-only ones on CPU), with the reason."""
+    return {h: c["skipped"] for cells in loss["results"].values() for h, c in cells.items() if "skipped" in c}
 
 
 def train_rows(train: dict) -> list[dict]:
@@ -119,7 +128,9 @@ def train_rows(train: dict) -> list[dict]:
         rows.append({
             "vocab": result["vocab_size"],
             "tokens_per_s": {head: cell["tokens_per_s"] for head, cell in heads.items()},
+            "phases_ms": {head: [cell.get(f"{p}_ms") for p in ("forward", "backward", "optimizer")] for head, cell in heads.items()},
             "over_softmax": {head: _ratio(cell["tokens_per_s"], softmax) for head, cell in heads.items() if head != "softmax"},
+            "flop_ideal": {head: result.get(f"flop_ideal_{head}_over_softmax") for head in heads if head != "softmax"},
             "softmax_head_params": heads.get("softmax", {}).get("head_params"),
         })
     return rows
@@ -174,18 +185,37 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
     return ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |", *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _min_max(row: dict) -> str:
+    return f"{_num(row['ms'])} [{_num(row['min_ms'])}, {_num(row['max_ms'])}]" if row.get("min_ms") is not None else _num(row["ms"])
+
+
+def _method_line(suite: dict) -> str:
+    clock = {"process_cpu_time": "process CPU time", "cuda_events": "CUDA events"}.get(suite.get("clock"), "wall time, best run")
+    load = suite.get("load_average") or {}
+    line = f"Methods interleaved round by round; clock: {clock}; median [min, max] of {suite.get('repeats', '?')} repeats"
+    if load.get("before"):
+        line += f"; load average {' / '.join(map(str, load['before']))} before, {' / '.join(map(str, load.get('after') or []))} after"
+    return line + "."
+
+
 def _loss_section(loss: dict) -> list[str]:
     shape = loss["shape"]
+    dims = shape.get("dims", [shape.get("dim")])
     threads = f", {_plural(shape['cpu_threads'], 'CPU thread')}" if loss["device"] == "cpu" else ""
     lines = [
         "## Output head + loss, forward + backward (`pretrain bench loss`)", "",
-        f"Device {loss['device']}; N={shape['tokens']} tokens, H={shape['hidden']}, D={shape['dim']}, {shape['dtype']}, "
-        f"chunk {shape['chunk_size']}, continuous loss implementation `{shape['impl']}`{threads}. Peak memory is what the "
-        "step allocates beyond its inputs. Ratios: softmax head's time (memory) / this head's, same run.", "",
+        f"Device {loss['device']}; N={shape['tokens']} tokens, H={shape['hidden']}, D in {{{', '.join(map(str, dims))}}}, "
+        f"{shape['dtype']}, chunk {shape['chunk_size']}, continuous loss implementation `{shape['impl']}`{threads}. "
+        f"{_method_line(loss)} Peak memory is what the step allocates beyond its inputs. Ratios: the softmax "
+        "head's (or the Liger-style chunked CE's) time or memory / this head's, same run; FLOP-ideal: V/D.", "",
     ]
-    rows = [[vocab_label(r["vocab"]), r["head"], _num(r["ms"]), _num(r["peak_mib"]), _times(r["time_ratio"]), _times(r["memory_ratio"])]
-            for r in loss_rows(loss)]
-    lines += _table(["V", "head", "fwd+bwd ms", "peak MiB", "softmax / head, time", "softmax / head, memory"], rows, align="llrrrr")
+    rows = [[vocab_label(r["vocab"]), r["head"], _min_max(r), _num(r["peak_mib"]), _times(r["time_ratio"]),
+             _times(r["flop_ideal"]) if r["flop_ideal"] else "", _times(r["chunked_time_ratio"]), _times(r["memory_ratio"]),
+             _times(r["chunked_memory_ratio"])] for r in loss_rows(loss)]
+    lines += _table(["V", "head", "fwd+bwd ms, median [min, max]", "peak MiB", "softmax / head, time", "FLOP-ideal V/D",
+                     "chunked CE / head, time", "softmax / head, memory", "chunked CE / head, memory"], rows, align="llrrrrrrr")
+    for head, reason in loss_skipped(loss).items():
+        lines += ["", f"{head}: {reason}."]
     kernels = loss.get("kernels")
     if isinstance(kernels, dict):
         lines += ["", f"Triton kernels against their PyTorch references at V={vocab_label(kernels['vocab'])} "
@@ -207,12 +237,24 @@ def _train_section(train: dict) -> list[str]:
         "## End-to-end training throughput (`pretrain bench train`)", "",
         f"Device {train['device']}; the same encoder (d_model {model['d_model']}, {model['n_layers']} layers, "
         f"{model['n_heads']} heads, d_ff {model['d_ff']}), {train['objective']} objective, batch {train['batch_size']} × "
-        f"{train['seq_len']} tokens, loss {train['loss']}, target dim {train['target_dim']}; full steps (forward, backward, AdamW).", "",
+        f"{train['seq_len']} tokens, loss {train['loss']}, target dim {train['target_dim']}; full steps (forward, backward, "
+        f"optimizer `{train.get('optimizer', 'AdamW')}` for every head). {_method_line(train)} FLOP-ideal: the ratio of the "
+        "two steps' matmul FLOPs per token.", "",
     ]
-    table = [[vocab_label(r["vocab"]), *(_num(r["tokens_per_s"][h]) for h in heads), *(_times(r["over_softmax"][h]) for h in ratio_heads),
+    table = [[vocab_label(r["vocab"]), *(_num(r["tokens_per_s"][h]) for h in heads),
+              *(f"{_times(r['over_softmax'][h])} (ideal {_times(r['flop_ideal'].get(h))})" for h in ratio_heads),
+              *(" / ".join(_num(x) for x in r["phases_ms"][h]) if None not in r["phases_ms"][h] else "n/a" for h in heads),
               f"{r['softmax_head_params']:,}" if r["softmax_head_params"] else "n/a"] for r in rows]
-    header = ["V", *(f"{h} tokens/s" for h in heads), *(f"{h} / softmax" for h in ratio_heads), "softmax head params"]
-    return lines + _table(header, table)
+    header = ["V", *(f"{h} tokens/s" for h in heads), *(f"{h} / softmax" for h in ratio_heads),
+              *(f"{h} fwd / bwd / opt ms" for h in heads), "softmax head params"]
+    lines += _table(header, table)
+    engine = train.get("engine")
+    if engine:
+        calls = ", ".join(f"{n} {c}" for n, c in sorted(engine["collectives_per_step"].items())) or "none"
+        lines += ["", f"DeepSpeed engine (ZeRO-{engine['zero_stage']}, one process) over the bare PyTorch step of the continuous "
+                  f"model: {_num(engine['deepspeed']['step_ms'])} vs {_num(engine['bare']['step_ms'])} ms, overhead "
+                  f"{engine['overhead_fraction'] * 100:.0f}%; collectives per step: {calls}."]
+    return lines
 
 
 def _decode_section(decode: dict) -> list[str]:
@@ -264,13 +306,17 @@ def _summary(results: dict) -> list[str]:
     if loss := _suite(results, "loss"):
         rows = loss_rows(loss)
         top = max(r["vocab"] for r in rows)
-        parts = [f"{r['head']} {_times(r['time_ratio'])} time, {_times(r['memory_ratio'])} memory"
+        parts = [f"{r['head']} {_times(r['time_ratio'])} time (FLOP-ideal {_times(r['flop_ideal'])}), {_times(r['memory_ratio'])} "
+                 f"memory ({_times(r['chunked_memory_ratio'])} against the chunked CE)"
                  for r in rows if r["vocab"] == top and r["head"] not in SOFTMAX_HEADS and "+fused" not in r["head"]]
-        bullets.append(f"Head + loss at V={vocab_label(top)}, softmax / continuous: " + "; ".join(parts) + ".")
+        shape = loss["shape"]
+        bullets.append(f"Head + loss at V={vocab_label(top)}, N={shape['tokens']}, H={shape['hidden']}, softmax / continuous: "
+                       + "; ".join(parts) + ".")
     if train := _suite(results, "train"):
         last = train_rows(train)[-1]
-        parts = [f"{h} {_times(r)}" for h, r in last["over_softmax"].items()]
-        bullets.append(f"Training tokens/s at V={vocab_label(last['vocab'])}, continuous / softmax: " + ", ".join(parts) + ".")
+        parts = [f"{h} {_times(r)} (FLOP-ideal {_times(last['flop_ideal'].get(h))})" for h, r in last["over_softmax"].items()]
+        bullets.append(f"Training tokens/s at V={vocab_label(last['vocab'])}, d_model {train['model']['d_model']}, "
+                       f"batch {train['batch_size']}×{train['seq_len']}, continuous / softmax: " + ", ".join(parts) + ".")
     if decode := _suite(results, "decode"):
         last = decode_rows(decode)[-1]
         parts = [f"{m} {_times(r)}" for m, r in last["faiss_over_torch"].items()]
@@ -363,7 +409,7 @@ def _head_style(head: str) -> dict:
 def _plot_loss(loss: dict, hardware: dict, key: str, ylabel: str, title: str, path: Path) -> None:
     rows = loss_rows(loss)
     vocabs = sorted({r["vocab"] for r in rows})
-    fig, ax = _figure(title, f"N={loss['shape']['tokens']}, H={loss['shape']['hidden']}, D={loss['shape']['dim']}, "
+    fig, ax = _figure(title, f"N={loss['shape']['tokens']}, H={loss['shape']['hidden']}, D in {loss['shape']['dims']}, "
                              f"{loss['shape']['dtype']} — {hardware_line(hardware)}")
     plotted = False
     for head in dict.fromkeys(r["head"] for r in rows):

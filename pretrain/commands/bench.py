@@ -33,18 +33,19 @@ ALL_ORDER = ["data", "loss", "train", "decode"]
 
 
 def all_suite_args(cuda: bool, cpu_threads: int = 1) -> dict[str, list[str]]:
-    """What `bench all` passes each suite. The suites' own defaults already fit the device except:
-    loss keeps three representative losses (cosine, vmf_practice, margin); train gets the GPU target
-    shape (base encoder, 4 layers, N=8192 tokens) on CUDA and reaches 128k on CPU; on CPU the timed
-    suites get cpu_threads (on a shared machine two threads stall at OpenMP barriers whenever another
-    job holds a core: 10x swings between repeats); the report draws the plots, so the suites do not."""
+    """What `bench all` passes each suite. The suites' own defaults already fit the device (loss:
+    N >= 1024, H >= 256, D in {64, 512}, every softmax peer) except: loss keeps three representative
+    losses (cosine, vmf_practice, margin); train gets the GPU target shape (base encoder, 4 layers,
+    N=8192 tokens) on CUDA and reaches 128k on CPU, with the DeepSpeed engine's overhead; on CPU the
+    timed suites get cpu_threads (on a shared machine two threads stall at OpenMP barriers whenever
+    another job holds a core); the report draws the plots, so the suites do not."""
     threads = [] if cuda or not cpu_threads else ["--threads", str(cpu_threads)]
     loss = ["--losses", "cosine", "vmf_practice", "margin", "--plot", "", *threads]
     if cuda:
         train = ["--config", str(REPO_ROOT / "configs" / "base.yaml"), "--vocab-sizes", "32768,131072,262144",
-                 "--batch-size", "16", "--seq-len", "512", "model.n_layers=4"]
+                 "--batch-size", "16", "--seq-len", "512", "--engine", "model.n_layers=4"]
     else:
-        train = ["--vocab-sizes", "4096,16384,65536,131072", *threads]
+        train = ["--vocab-sizes", "4096,16384,65536,131072", "--engine", *threads]
     return {"data": [], "loss": loss, "train": train, "decode": ["--plot", "", *threads]}
 
 

@@ -33,15 +33,19 @@ class GuardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self.skip_for_bad_gradients(grads):
+            return None
+        return super().step(closure)
+
+    def skip_for_bad_gradients(self, grads: list[torch.Tensor]) -> bool:
+        """True (on every rank alike) when any rank's gradients hold NaN/inf; sets skipped_last_step."""
         bad = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
         if grads:
             bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self.skipped_last_step = bool(bad.item())
-        if self.skipped_last_step:
-            return None
-        return super().step(closure)
+        return self.skipped_last_step
 
 
 def nan_test_steps() -> set[int]:

@@ -29,8 +29,9 @@ from tqdm import tqdm
 from pretrain.config import Config, ConfigError, flatten, save_resolved
 from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.distributed import DistEnv, detect, device_for, init_distributed
-from pretrain.engine.guards import EXIT_DIVERGED, BadStepGuard, GuardedAdamW, check_run_inputs, nan_test_steps
+from pretrain.engine.guards import EXIT_DIVERGED, BadStepGuard, check_run_inputs, nan_test_steps
 from pretrain.engine.metrics import MetricsLog, StepStats, Throughput, peak_memory_mb, summarize
+from pretrain.engine.optim import build_optimizer, grad_norm, skip_single_replica_allreduce
 from pretrain.engine.run_lock import RunDirLocked, RunLock
 from pretrain.engine.schedule import lr_for_config, set_lr
 from pretrain.engine.signals import EXIT_PREEMPTED, PreemptionFlag
@@ -43,7 +44,7 @@ PAUSE_ENV = "PRETRAIN_TEST_PAUSE_AT_STEP"
 RESUME_FIXED_KEYS = (
     "model", "loss", "targets.dim", "targets.learned", "targets.learned_remedy", "data.seq_len", "data.seed",
     "data.shuffle_buffer", "train.micro_batch_size", "train.grad_accum", "train.zero_stage",
-    "train.pipeline_stages", "train.precision", "train.seed",
+    "train.pipeline_stages", "train.precision", "train.seed", "train.sparse_embedding",
 )
 
 
@@ -206,7 +207,7 @@ class Trainer:
             local = {id(p) for p in module.parameters()}
             groups = [{**g, "params": [p for p in g["params"] if id(p) in local]} for g in groups]
             groups = [g for g in groups if g["params"]]
-        self.optimizer = GuardedAdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, eps=1e-8)
+        self.optimizer = build_optimizer(groups, cfg.train)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=deepspeed_config(cfg))
         if self.pipeline_loss is not None:
             self.dp_rank = engine.grid.get_data_parallel_rank()
@@ -215,6 +216,7 @@ class Trainer:
         else:
             self.dp_rank, self.dp_world = self.env.rank, self.env.world_size
             self.first_stage = self.last_stage = True
+            skip_single_replica_allreduce(engine, cfg.train.zero_stage, self.dp_world)
         self.norm_from_grads = cfg.train.zero_stage == 0 and cfg.train.precision == "fp32"
         self.grad_norm_at_boundary = None
         # Dropout differs per rank; a resumed run restores these states from the checkpoint.
@@ -336,7 +338,7 @@ class Trainer:
             if self.norm_from_grads and self.engine.is_gradient_accumulation_boundary():
                 # DeepSpeed records no norm for fp32 without ZeRO; the reduced gradients are here now.
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                self.grad_norm_at_boundary = float(torch.nn.utils.get_total_norm(grads))
+                self.grad_norm_at_boundary = float(grad_norm(grads))
             self.engine.step()
             stats.add_micro({**result, "loss": loss})
 

@@ -27,7 +27,7 @@ def build_model(cfg, vocab_size: int, target_table: torch.Tensor | None = None, 
         raise ValueError(f"target table has {target_table.shape[0]} rows but the vocabulary has {vocab_size} pieces; "
                          "rebuild the targets for this tokenizer (pretrain targets)")
     encoder = Encoder(vocab_size, mcfg.d_model, mcfg.n_layers, mcfg.n_heads, mcfg.d_ff, mcfg.max_seq_len,
-                      mcfg.dropout, causal=mcfg.objective == "causal")
+                      mcfg.dropout, causal=mcfg.objective == "causal", sparse_embedding=cfg.train.sparse_embedding)
     if mcfg.init_embeddings_from_targets:
         if target_table is None:
             raise ValueError("model.init_embeddings_from_targets needs the target table (build it with `pretrain targets`)")

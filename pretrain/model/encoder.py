@@ -78,12 +78,17 @@ class Block(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """Token + learned absolute position embeddings."""
+    """Token + learned absolute position embeddings.
 
-    def __init__(self, vocab_size: int, d_model: int, max_seq_len: int, dropout: float) -> None:
+    sparse_tokens: the token table's gradient is row-sparse (only the batch's ids), so the optimizer
+    can update those rows alone (pretrain.engine.optim.RowSparseAdamW) instead of all V of them.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, max_seq_len: int, dropout: float,
+                 sparse_tokens: bool = False) -> None:
         super().__init__()
         self.max_seq_len = max_seq_len
-        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.tok_emb = nn.Embedding(vocab_size, d_model, sparse=sparse_tokens)
         self.pos_emb = nn.Embedding(max_seq_len, d_model)
         self.drop = nn.Dropout(dropout)
 
@@ -99,10 +104,10 @@ class Encoder(nn.Module):
     """Embeddings -> n pre-norm blocks -> final LayerNorm."""
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, d_ff: int,
-                 max_seq_len: int, dropout: float, causal: bool) -> None:
+                 max_seq_len: int, dropout: float, causal: bool, sparse_embedding: bool = False) -> None:
         super().__init__()
         self.causal = causal
-        self.embed = Embeddings(vocab_size, d_model, max_seq_len, dropout)
+        self.embed = Embeddings(vocab_size, d_model, max_seq_len, dropout, sparse_tokens=sparse_embedding)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.reset_parameters()

@@ -30,7 +30,10 @@ def test_all_arguments_parse_with_the_real_suites(cuda):
     assert parsed["loss"].vocab_sizes == parsed["decode"].vocab_sizes == [32768, 131072, 262144]
     assert {"cosine", "vmf_practice", "margin"} <= set(parsed["loss"].losses)
     assert parsed["loss"].plot == parsed["decode"].plot == ""
-    assert len(parsed["train"].vocab_sizes.split(",")) >= 3
+    assert len(parsed["train"].vocab_sizes.split(",")) >= 3 and parsed["train"].engine
+    # Shapes that mean something (the continuous side is not per-call overhead), both target widths, 5 repeats.
+    assert parsed["loss"].tokens >= 1024 and parsed["loss"].hidden >= 256 and {64, 512} <= set(parsed["loss"].dims)
+    assert parsed["loss"].repeats >= 5 and parsed["train"].repeats >= 5 and parsed["decode"].repeats >= 5
     assert parsed["loss"].threads == parsed["train"].threads == parsed["decode"].threads == (0 if cuda else 1)
     if cuda:  # the GPU shape: N = 16 x 512 = 8192 tokens through the base encoder, up to V=256k
         cfg = load_config(parsed["train"].config, parsed["train"].overrides)
@@ -74,7 +77,7 @@ def test_all_runs_every_suite_writes_json_table_plots_and_tracks_them(tmp_path, 
 
     results = json.loads(out.read_text())
     assert results["suites"]["decode"]["error"] == "RuntimeError: faiss exploded"
-    assert results["suites"]["loss"]["results"]["4096"]["cosine"]["ms"] == 2.0
+    assert results["suites"]["loss"]["results"]["4096"]["cosine D8"]["ms"] == 2.0
     assert results["suite_args"]["train"] == ["--size", "2"]
     assert {"cpu", "cores", "torch", "date", "load_average"} <= set(results["hardware"])
     assert results["seconds"] >= 0 and len(results["load_average_end"]) == 3
@@ -90,7 +93,7 @@ def test_all_runs_every_suite_writes_json_table_plots_and_tracks_them(tmp_path, 
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     run = runs[0]
-    assert run.data.metrics["loss.results.4096.cosine.ms"] == 2.0
+    assert run.data.metrics["loss.results.4096.cosine D8.ms"] == 2.0
     assert run.data.metrics["train.results.16000.continuous.tokens_per_s"] == 280.0
     assert run.data.params["hardware.cores"] == str(results["hardware"]["cores"])
     assert run.data.params["args.loss"] == "--size 1"
@@ -113,9 +116,11 @@ def test_all_runs_only_the_chosen_suites(fake_suites, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["decode", "--vocab-sizes", "3", "--plot", ""], "--vocab-sizes 3 is smaller than --k 5"),
-    (["decode", "--queries", "0", "--plot", ""], "--k, --queries, --dim and --repeats must be at least 1"),
+    (["decode", "--queries", "0", "--plot", ""], "--k, --queries and --dim must be at least 1"),
+    (["decode", "--repeats", "2", "--vocab-sizes", "64", "--plot", ""], "--repeats 2: a median with [min, max] needs at least 5"),
     (["train", "--vocab-sizes", "4k"], "--vocab-sizes '4k': give comma-separated integers"),
     (["loss", "--tokens", "0", "--plot", ""], "--tokens, --hidden and --chunk-size must be positive"),
+    (["train", "--repeats", "1"], "--repeats 1: a median with [min, max] needs at least 5"),
 ])
 def test_suites_refuse_bad_arguments_in_one_line(argv, message, capsys):
     # Checked before any work: decode's top-k used to die in a torch traceback, train's in int().

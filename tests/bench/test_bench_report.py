@@ -35,25 +35,29 @@ def test_report_writes_the_table_and_valid_pngs(tmp_path, synthetic_results):
 
     markdown = (tmp_path / "results.md").read_text()
     assert "Test CPU (2 cores), no GPU, torch 2.x" in markdown and "2030-01-01" in markdown
-    # Loss: every (V, head), ratios softmax / head recomputed from ms and MiB.
+    # Loss: every measured (V, head), ratios softmax (and chunked CE) / head recomputed from ms and MiB, FLOP-ideal V/D.
     loss = {(r[0], r[1]): r[2:] for r in _table_rows(markdown, "V | head")}
-    assert len(loss) == 8
-    assert loss[("4k", "cosine")] == ["2.00", "1.00", "200×", "32.0×"]  # 400/2 ms, 32/1 MiB
-    assert loss[("1k", "cosine+fused")] == ["4.00", "0.50", "25.0×", "16.0×"]
-    assert loss[("4k", "softmax_chunked")] == ["500", "16.0", "0.80×", "2.00×"]
-    assert loss[("1k", "softmax")][2:] == ["1.00×", "1.00×"]
-    # Training: tokens/s per head and continuous / softmax.
+    assert len(loss) == 8  # the skipped GPU peer is a note, not a row
+    assert loss[("4k", "cosine D8")] == ["2.00 [1.90, 2.50]", "1.00", "200×", "512×", "250×", "32.0×", "16.0×"]
+    assert loss[("1k", "cosine+fused D8")] == ["4.00 [3.50, 5.00]", "0.50", "25.0×", "128×", "31.2×", "16.0×", "8.00×"]
+    assert loss[("4k", "softmax_chunked")] == ["500 [480, 530]", "16.0", "0.80×", "", "1.00×", "2.00×", "1.00×"]
+    assert "liger: not measured: no CUDA device." in markdown
+    assert "clock: process CPU time; median [min, max] of 5 repeats; load average 1.5 / 1.0 / 0.5 before" in markdown
+    # Training: tokens/s per head, continuous / softmax beside the FLOP-ideal ratio, phases.
     train = _table_rows(markdown, "V | continuous tokens/s")
-    assert train == [["4k", "300", "240", "200", "1.50×", "1.20×", "68,000"],
-                     ["16k", "280", "210", "70.0", "4.00×", "3.00×", "272,000"]]
+    assert train[0] == ["4k", "300", "240", "200", "1.50× (ideal 2.00×)", "1.20× (ideal 2.00×)", "0.20 / 0.30 / 0.10", "n/a",
+                        "0.30 / 0.50 / 0.20", "68,000"]
+    assert train[1][4] == "4.00× (ideal 5.00×)"
     # Decoding: FAISS over torch on the same device.
     decode = _table_rows(markdown, "V | torch_cpu vectors/s")
     assert decode == [["1k", "1,000", "1,500", "1.50×"], ["4k", "250", "500", "2.00×"]]
     data = {r[0]: r[1:] for r in _table_rows(markdown, "stage")}
     assert data["SentencePiece encode, 2 threads"][2] == "all threads / 1: 1.80×"
     # Headline ratios at the largest V, and the plots linked relatively.
-    assert "Head + loss at V=4k, softmax / continuous: cosine 200× time, 32.0× memory." in markdown
-    assert "Training tokens/s at V=16k, continuous / softmax: continuous 4.00×, continuous_fused 3.00×." in markdown
+    assert ("Head + loss at V=4k, N=64, H=32, softmax / continuous: cosine D8 200× time (FLOP-ideal 512×), 32.0× memory "
+            "(16.0× against the chunked CE).") in markdown
+    assert ("Training tokens/s at V=16k, d_model 16, batch 2×8, continuous / softmax: continuous 4.00× (FLOP-ideal 5.00×), "
+            "continuous_fused 3.00× (FLOP-ideal 5.00×).") in markdown
     for name in pngs:
         assert f"]({name})" in markdown
 
@@ -95,7 +99,7 @@ def test_bench_report_rejects_a_missing_or_bad_results_file(tmp_path, capsys, co
 
 def test_metrics_and_params_flatten_per_vocabulary_rows(synthetic_results):
     metrics, params = report.metrics_and_params(synthetic_results)
-    assert metrics["loss.results.4096.cosine.ms"] == 2.0
+    assert metrics["loss.results.4096.cosine D8.ms"] == 2.0
     assert metrics["train.results.16000.softmax.tokens_per_s"] == 70.0  # list rows keyed by vocab_size
     assert metrics["decode.results.1024.methods.faiss_flat_cpu.vectors_per_s"] == 1500.0
     assert params["loss.device"] == "cpu" and params["hardware.cpu"] == "Test CPU"

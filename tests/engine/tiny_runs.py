@@ -29,6 +29,7 @@ RUNS = {
     "softmax": ["train.zero_stage=2", "model.head=softmax"],
     "zero1": ["train.zero_stage=1", "model.objective=causal", "train.grad_accum=2", "train.precision=bf16"],
     "zero0": ["train.zero_stage=0", "train.precision=bf16"],
+    "sparse": ["train.zero_stage=0", "train.sparse_embedding=true", "model.objective=causal"],
     "learned": ["train.zero_stage=3", "targets.learned=true", "targets.learned_remedy=contrastive",
                 "targets.contrastive_negatives=64"],
     # Last: a pipeline engine leaves DeepSpeed's global model-parallel groups set for later engines.

@@ -10,15 +10,17 @@ def test_bench_decode_reports_throughput_ratios_and_recall(tmp_path):
     parser = argparse.ArgumentParser()
     decode.add_arguments(parser)
     args = parser.parse_args(
-        ["--vocab-sizes", "1500", "3000", "--dim", "24", "--queries", "64", "--repeats", "1", "--approx",
+        ["--vocab-sizes", "1500", "3000", "--dim", "24", "--queries", "64", "--approx",
          "--ivf-nlist", "16", "--ivf-nprobe", "16", "--hnsw-m", "8", "--plot", str(tmp_path / "decode.png")]
     )
     out = decode.run(args)
     assert [r["vocab_size"] for r in out["results"]] == [1500, 3000]
+    assert out["clock"] == "process_cpu_time" and len(out["load_average"]["after"]) == 3
     for result in out["results"]:
         methods = result["methods"]
         assert {"torch_cpu", "faiss_flat_cpu", "faiss_ivf_cpu", "faiss_hnsw_cpu"} <= set(methods)
-        assert all(m["vectors_per_s"] > 0 for m in methods.values())
+        assert all(m["vectors_per_s"] > 0 and m["min_ms"] <= m["ms"] <= m["max_ms"] and m["repeats"] == 5
+                   for m in methods.values())
         # Exact FAISS and torch agree on every query; IVF probing all 16 lists is exact too.
         assert methods["faiss_flat_cpu"]["top1_agreement_with_torch"] == 1.0
         assert methods["faiss_ivf_cpu"]["recall@5"] == 1.0
@@ -29,7 +31,7 @@ def test_bench_decode_reports_throughput_ratios_and_recall(tmp_path):
 
 
 def test_bench_decode_via_the_cli(capsys, tmp_path):
-    rc = main(["bench", "decode", "--vocab-sizes", "500", "--dim", "16", "--queries", "32", "--repeats", "1", "--plot", ""])
+    rc = main(["bench", "decode", "--vocab-sizes", "500", "--dim", "16", "--queries", "32", "--plot", ""])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["suite"] == "decode" and "hardware" in printed and "plot" not in printed
