@@ -1,0 +1,86 @@
+"""An export loads in Hugging Face tools (transformers, sentence-transformers) and computes what
+pretrain.load_encoder computes; the Hugging Face files are hashed and signed like the rest."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretrain.downstream import export as ex
+from pretrain.downstream import hf_files
+
+transformers = pytest.importorskip("transformers", reason="the `.[hf]` extra (make install) provides transformers")
+
+TEXTS = ["a small domesticated carnivore kept as a pet", "the edible fruit of an apple tree", "x"]
+
+
+def _pretrain_batch(sp, texts):
+    rows = [sp.encode(t) + [sp.eos_id()] for t in texts]
+    ids = torch.full((len(rows), max(map(len, rows))), sp.pad_id(), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids
+
+
+def test_automodel_and_autotokenizer_match_load_encoder_on_a_padded_batch(untrained_export):
+    from transformers import AutoModel, AutoTokenizer
+
+    model, sp = ex.load_encoder(untrained_export)
+    hf_model = AutoModel.from_pretrained(untrained_export, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(untrained_export, trust_remote_code=True)
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    ids = _pretrain_batch(sp, TEXTS)
+    assert torch.equal(batch["input_ids"], ids)  # same pieces, eos at the end, pad id 0 to the right
+    assert batch["attention_mask"].sum(1).tolist() == [len(sp.encode(t)) + 1 for t in TEXTS]
+    with torch.no_grad():
+        reference = model.encode(ids)
+        hidden = hf_model(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert (hidden[real] - reference[real]).abs().max() <= 1e-5
+    # each row alone (no padding) gives its padded row's hidden states: the mask really masks
+    with torch.no_grad():
+        alone = hf_model(**tokenizer(TEXTS[2:], return_tensors="pt")).last_hidden_state
+    assert (alone[0] - hidden[2, : alone.shape[1]]).abs().max() <= 1e-5
+    assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == TEXTS[0]
+
+
+def test_fast_tokenizer_equals_sentencepiece_on_unseen_text(untrained_export, repo_root):
+    import gzip
+
+    from transformers import AutoTokenizer
+
+    _, sp = ex.load_encoder(untrained_export)
+    tokenizer = AutoTokenizer.from_pretrained(untrained_export)  # no remote code needed for the tokenizer
+    with gzip.open(repo_root / "data" / "corpus" / "wordnet_glosses.txt.gz", "rt", encoding="utf-8") as f:
+        text = f.read(800_000)[400_000:]  # the tokenizer was trained on the first 400 KB
+    lines = [line for line in text.splitlines()[1:] if line][:3000] + hf_files.PROBE_TEXTS
+    assert tokenizer.is_fast
+    assert [tokenizer(t, add_special_tokens=False)["input_ids"] for t in lines] == sp.encode(lines)
+
+
+def test_hf_files_are_hashed_signed_and_load_encoder_needs_no_transformers(untrained_export):
+    manifest = ex.read_manifest(untrained_export)
+    for name in (hf_files.MODELING_FILE, hf_files.HF_TOKENIZER_FILE, hf_files.HF_TOKENIZER_CONFIG_FILE, *hf_files.ST_FILES):
+        assert name in manifest["files"], name
+    assert manifest["auto_map"]["AutoModel"] == "modeling_softmaxfree.SoftmaxFreeModel"
+    # load_encoder in a fresh interpreter where importing transformers fails
+    script = (
+        "import sys; sys.modules['transformers'] = None; sys.modules['sentence_transformers'] = None\n"
+        f"import pretrain; m, sp = pretrain.load_encoder({str(untrained_export)!r}); print(type(m).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PretrainModel"
+    # the modeling file stands alone: no import of this package
+    assert "pretrain" not in {line.split()[1].split(".")[0] for line in (untrained_export / hf_files.MODELING_FILE).read_text().splitlines()
+                             if line.startswith(("import ", "from "))}
+
+
+def test_tampered_modeling_file_is_refused(untrained_export, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(untrained_export, tmp_path / "copy")
+    with open(copy / hf_files.MODELING_FILE, "a") as f:
+        f.write("\nimport os  # injected\n")
+    with pytest.raises(ex.ExportError, match=rf"{hf_files.MODELING_FILE}: sha256 .* does not match"):
+        ex.load_encoder(copy)
