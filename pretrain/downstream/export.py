@@ -270,6 +270,7 @@ def load_export(export_dir: str | Path, *, dtype: str = "fp32"):
     build_cfg.model.init_embeddings_from_targets = False
     model = build_model(build_cfg, vocab_size, target_table=table, special_ids=manifest.get("special_ids"))
     model.load_state_dict(load_weights(export_dir / WEIGHTS_FILE, model.state_dict()), strict=True)
+    model.tokenizer = sp  # for model.embed(texts)
     return model.to(DTYPES[dtype]).eval(), sp, manifest
 
 
