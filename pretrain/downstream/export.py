@@ -284,6 +284,37 @@ def load_encoder(export_dir: str | Path, *, dtype: str = "fp32"):
     return model, sp
 
 
+def baseline_encoder(export_dir: str | Path, *, embeddings: str = "random", seed: int = 0, dtype: str = "fp32"):
+    """(model, SentencePieceProcessor): the export's architecture and tokenizer with fresh weights, the
+    baselines a pretrained encoder is measured against.
+
+    embeddings="random": every weight random (what pretraining starts from).
+    embeddings="table":  random, but the input embeddings set from the export's target table (the
+                         fastText initialisation, no pretraining): separates the table's share of a gain.
+    """
+    from pretrain.config import config_from_dict
+    from pretrain.model import build_model
+    from pretrain.targets.table import load_target_table
+
+    if embeddings not in ("random", "table"):
+        raise ValueError(f"embeddings must be 'random' or 'table', got {embeddings!r}")
+    export_dir = Path(export_dir)
+    pretrained, sp, manifest = load_export(export_dir)
+    cfg = config_from_dict(manifest["config"], source=str(export_dir / CONFIG_FILE))
+    table = None
+    if TARGETS_FILE in manifest["files"]:
+        table, _ = load_target_table(export_dir / TARGETS_FILE, tokenizer_sha256=manifest["files"][TOKENIZER_FILE]["sha256"], vocab_size=manifest["vocab_size"])
+    elif embeddings == "table":
+        raise ExportError(f"{export_dir} has no {TARGETS_FILE} to initialise the embeddings from (a softmax run exported without a table)")
+    cfg.model.init_embeddings_from_targets = embeddings == "table"
+    cfg.train.seed = seed  # the projection to d_model, when the table is narrower or wider
+    torch.manual_seed(seed)
+    model = build_model(cfg, manifest["vocab_size"], target_table=table, special_ids=manifest.get("special_ids"))
+    model.tokenizer = sp
+    del pretrained
+    return model.to(DTYPES[dtype]).eval(), sp
+
+
 # From a training run ---------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict | None:
