@@ -84,3 +84,39 @@ def test_tampered_modeling_file_is_refused(untrained_export, tmp_path):
         f.write("\nimport os  # injected\n")
     with pytest.raises(ex.ExportError, match=rf"{hf_files.MODELING_FILE}: sha256 .* does not match"):
         ex.load_encoder(copy)
+
+
+def test_sequence_classification_model_loads_the_export_encoder_and_mean_pools(untrained_export):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, _ = ex.load_encoder(untrained_export)
+    hf = AutoModelForSequenceClassification.from_pretrained(untrained_export, trust_remote_code=True, num_labels=3).eval()
+    for name, value in model.encoder.state_dict().items():
+        assert torch.equal(hf.model.encoder.state_dict()[name], value), name  # the export's weights, not a fresh init
+    batch = AutoTokenizer.from_pretrained(untrained_export)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = hf(**batch).logits
+    torch.testing.assert_close(logits, hf.classifier(model.embed(TEXTS)), atol=1e-5, rtol=0)
+
+
+def test_hf_trainer_example_fine_tunes_an_export(untrained_export, tmp_path, repo_root):
+    import importlib.util
+
+    from pretrain.downstream.classify import read_labelled
+
+    data = read_labelled(repo_root / "data/finetune/train.jsonl")
+    rows = [{"body": t, "topic": y} for t, y in zip(data.texts, data.labels)][:160]
+    train_file = tmp_path / "news.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = importlib.util.spec_from_file_location("hf_trainer_finetune", repo_root / "docs/examples/hf_trainer_finetune.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer, metrics = example.main([str(untrained_export), str(train_file), "--text-field", "body", "--label-field", "topic",
+                                     "--out", str(tmp_path / "out"), "--epochs", "2"])
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    assert len(trainer.train_dataset) + len(trainer.eval_dataset) == 160
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and trainer.state.global_step == 2 * -(-len(trainer.train_dataset) // 16)
+    before, _ = ex.load_encoder(untrained_export)
+    tuned = trainer.model.model.encoder.embed.tok_emb.weight.detach().cpu()
+    assert not torch.equal(tuned, before.encoder.embed.tok_emb.weight)  # the encoder was fine-tuned too
