@@ -109,7 +109,8 @@ class PretrainModel(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         if "labels" not in batch:
             batch = self.objective(batch, generator)
-        hidden = self.encode(batch["input_ids"], batch["doc_ids"])
+        # the encoder itself, not encode(): a training batch longer than the positions is an error, never windowed
+        hidden = self.encoder(batch["input_ids"], batch["doc_ids"])
         labels = batch["labels"].reshape(-1)
         rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
