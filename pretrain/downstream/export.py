@@ -183,7 +183,7 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ExportError(f"{cfg_path} is not a {FORMAT_NAME} export config (no \"format\": \"{FORMAT_NAME}\")")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{cfg_path}: format_version {manifest.get('format_version')!r} is not supported (this code reads {FORMAT_VERSION})")
+        raise ExportError(f"{cfg_path}: format_version {manifest.get('format_version')!r} is not supported (this code reads {FORMAT_VERSION}); re-run `pretrain export` with this version")
     for key in ("config", "vocab_size", "files", "weights_dtype"):
         if key not in manifest:
             raise ExportError(f"{cfg_path}: missing key {key!r}; re-run `pretrain export`")

@@ -161,3 +161,12 @@ def test_config_signature_survives_reformatting_but_not_weights_from_another_exp
     (out / "config.json").write_text(json.dumps(manifest))
     with pytest.raises(ex.ExportError, match="config.json was edited after the export"):
         ex.read_manifest(out)
+
+
+def test_export_from_before_config_signing_is_refused_with_the_fix(standin_export):
+    _, out = standin_export
+    manifest = json.loads((out / "config.json").read_text())
+    manifest["format_version"] = 1  # written before config signing and the Hugging Face files
+    (out / "config.json").write_text(json.dumps(manifest))
+    with pytest.raises(ex.ExportError, match=r"format_version 1 is not supported \(this code reads 2\); re-run `pretrain export`"):
+        ex.read_manifest(out)
