@@ -120,3 +120,28 @@ def test_hf_trainer_example_fine_tunes_an_export(untrained_export, tmp_path, rep
     before, _ = ex.load_encoder(untrained_export)
     tuned = trainer.model.model.encoder.embed.tok_emb.weight.detach().cpu()
     assert not torch.equal(tuned, before.encoder.embed.tok_emb.weight)  # the encoder was fine-tuned too
+
+
+def test_inexact_or_unconvertible_tokenizer_is_skipped_with_a_logged_reason(untrained_export, tmp_path, monkeypatch, caplog):
+    from tokenizers import normalizers
+
+    from pretrain.data.tokenizer import load_tokenizer
+
+    sp = load_tokenizer(untrained_export / "tokenizer.model")
+    model_cfg = ex.read_manifest(untrained_export)["config"]["model"]
+    exact = hf_files.fast_tokenizer
+
+    def lowercasing(sp):  # a conversion that loses case: differs from SentencePiece on capitals
+        tok = exact(sp)
+        tok.normalizer = normalizers.Sequence([tok.normalizer, normalizers.Lowercase()])
+        return tok
+
+    monkeypatch.setattr(hf_files, "fast_tokenizer", lowercasing)
+    (tmp_path / "a").mkdir()
+    with caplog.at_level("WARNING"):
+        written = hf_files.write_hf_files(tmp_path / "a", sp, "unigram", model_cfg)
+    assert written == [hf_files.MODELING_FILE] and not (tmp_path / "a" / hf_files.HF_TOKENIZER_FILE).exists()
+    assert "differs from SentencePiece on" in caplog.text and "Capitalised" in caplog.text
+    (tmp_path / "b").mkdir()
+    assert hf_files.write_hf_files(tmp_path / "b", sp, "bpe", model_cfg) == [hf_files.MODELING_FILE]
+    assert "SentencePiece bpe model; only unigram converts exactly" in caplog.text
