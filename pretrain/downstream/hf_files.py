@@ -4,12 +4,15 @@ sentence-transformers. Written by `pretrain export` beside the export's own file
     modeling_softmaxfree.py          the model classes (a copy of pretrain/downstream/hf_modeling.py)
     tokenizer.json                   fast tokenizer converted from tokenizer.model, written only if the
                                      conversion reproduces SentencePiece's ids exactly on the probe texts
-    tokenizer_config.json            pad/eos/unk tokens, max length; every text ends with eos as in pretraining
+    tokenizer_config.json            pad/eos/unk tokens, max length; every text ends with eos as in pretraining;
+                                     without tokenizer.json it names modeling_softmaxfree.SoftmaxFreeTokenizer
+                                     (SentencePiece behind the transformers API, trust_remote_code=True)
     modules.json, sentence_bert_config.json, 1_Pooling/config.json
                                      sentence-transformers: the model, then a mean over real tokens
 
 Nothing here imports transformers: `load_encoder` and the export itself do not need it. The fast
-tokenizer needs the `tokenizers` package (the `.[hf]` extra); without it the export says so and skips it.
+tokenizer needs the `tokenizers` package (the `.[hf]` extra); without it the export says so and
+falls back to the SentencePiece-backed tokenizer class.
 """
 from __future__ import annotations
 
@@ -116,16 +119,19 @@ def write_hf_files(out_dir: Path, sp, sp_model_type: str, model_cfg: Mapping[str
         bad = conversion_mismatches(sp, tok, _probe_texts(sp))
         if bad:
             tok, why_not = None, f"the converted tokenizer differs from SentencePiece on {len(bad)} probe texts, e.g. {bad[0]!r}"
+    common = {"model_max_length": max_len, "padding_side": "right", "clean_up_tokenization_spaces": False, **_special_tokens(sp)}
     if tok is None:
-        log.warning("no Hugging Face tokenizer in %s: %s; tokenize with sentencepiece and tokenizer.model instead", out_dir, why_not)
+        # SentencePiece itself behind the tokenizer API (modeling_softmaxfree.SoftmaxFreeTokenizer): exact by construction
+        log.warning("no fast tokenizer in %s: %s; AutoTokenizer loads the SentencePiece model (trust_remote_code=True)", out_dir, why_not)
+        tokenizer_config = {"tokenizer_class": "SoftmaxFreeTokenizer", "vocab_file": "tokenizer.model",
+                            "auto_map": {"AutoTokenizer": [_CLASSES + "Tokenizer", None]}, **common}
     else:
         tok.save(str(out_dir / HF_TOKENIZER_FILE))
-        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-                            "padding_side": "right", "clean_up_tokenization_spaces": False, **_special_tokens(sp)}
-        (out_dir / HF_TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config, indent=2))
-        written += [HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG_FILE]
-        written += write_sentence_transformers_files(out_dir, max_len, model_cfg["d_model"])
-    return written
+        written.append(HF_TOKENIZER_FILE)
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **common}
+    (out_dir / HF_TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config, indent=2))
+    written.append(HF_TOKENIZER_CONFIG_FILE)
+    return written + write_sentence_transformers_files(out_dir, max_len, model_cfg["d_model"])
 
 
 def write_sentence_transformers_files(out_dir: Path, max_len: int, width: int) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizer
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
 
@@ -169,3 +169,60 @@ class SoftmaxFreeForSequenceClassification(SoftmaxFreePreTrainedModel):
         logits = self.classifier(self.dropout(pooled))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class SoftmaxFreeTokenizer(PreTrainedTokenizer):
+    """SentencePiece itself behind the transformers tokenizer API: the fallback an export uses when
+    its SentencePiece model does not convert exactly to a fast tokenizer (e.g. a bpe model). Every
+    text ends with eos, as pretraining documents do."""
+
+    vocab_files_names = {"vocab_file": "tokenizer.model"}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file: str, **kwargs) -> None:
+        import sentencepiece as spm
+
+        self.vocab_file = vocab_file
+        self.sp_model = spm.SentencePieceProcessor(model_file=vocab_file)
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp_model.get_piece_size()
+
+    def get_vocab(self) -> dict[str, int]:
+        return {self.sp_model.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return self.sp_model.encode(text, out_type=str)
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self.sp_model.piece_to_id(token)
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self.sp_model.id_to_piece(index)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return self.sp_model.decode_pieces(tokens)
+
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+        eos = [self.eos_token_id]
+        return token_ids_0 + eos if token_ids_1 is None else token_ids_0 + eos + token_ids_1 + eos
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens: bool = False) -> list[int]:
+        if already_has_special_tokens:
+            return [int(t in self.all_special_ids) for t in token_ids_0]
+        mask = [0] * len(token_ids_0) + [1]
+        return mask if token_ids_1 is None else mask + [0] * len(token_ids_1) + [1]
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return 2 if pair else 1
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        import os
+        import shutil
+
+        out = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + "tokenizer.model")
+        if os.path.abspath(self.vocab_file) != os.path.abspath(out):
+            shutil.copyfile(self.vocab_file, out)
+        return (out,)

@@ -122,8 +122,12 @@ def test_hf_trainer_example_fine_tunes_an_export(untrained_export, tmp_path, rep
     assert not torch.equal(tuned, before.encoder.embed.tok_emb.weight)  # the encoder was fine-tuned too
 
 
-def test_inexact_or_unconvertible_tokenizer_is_skipped_with_a_logged_reason(untrained_export, tmp_path, monkeypatch, caplog):
+def test_inexact_or_unconvertible_tokenizer_falls_back_to_sentencepiece_with_a_logged_reason(untrained_export, tmp_path, monkeypatch, caplog, repo_root):
+    import gzip
+    import shutil
+
     from tokenizers import normalizers
+    from transformers import AutoTokenizer
 
     from pretrain.data.tokenizer import load_tokenizer
 
@@ -137,11 +141,22 @@ def test_inexact_or_unconvertible_tokenizer_is_skipped_with_a_logged_reason(untr
         return tok
 
     monkeypatch.setattr(hf_files, "fast_tokenizer", lowercasing)
-    (tmp_path / "a").mkdir()
+    out = tmp_path / "a"
+    out.mkdir()
+    shutil.copyfile(untrained_export / "tokenizer.model", out / "tokenizer.model")
+    shutil.copyfile(untrained_export / "config.json", out / "config.json")
     with caplog.at_level("WARNING"):
-        written = hf_files.write_hf_files(tmp_path / "a", sp, "unigram", model_cfg)
-    assert written == [hf_files.MODELING_FILE] and not (tmp_path / "a" / hf_files.HF_TOKENIZER_FILE).exists()
+        written = hf_files.write_hf_files(out, sp, "unigram", model_cfg)
+    assert hf_files.HF_TOKENIZER_FILE not in written and not (out / hf_files.HF_TOKENIZER_FILE).exists()
     assert "differs from SentencePiece on" in caplog.text and "Capitalised" in caplog.text
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert type(tokenizer).__name__ == "SoftmaxFreeTokenizer"
+    with gzip.open(repo_root / "data" / "corpus" / "wordnet_glosses.txt.gz", "rt", encoding="utf-8") as f:
+        lines = [line for line in f.read(500_000)[400_000:].splitlines()[1:] if line][:500] + hf_files.PROBE_TEXTS
+    assert [tokenizer(t)["input_ids"] for t in lines] == [ids + [sp.eos_id()] for ids in sp.encode(lines)]
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], _pretrain_batch(sp, TEXTS))
+    assert tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == TEXTS[0]
     (tmp_path / "b").mkdir()
-    assert hf_files.write_hf_files(tmp_path / "b", sp, "bpe", model_cfg) == [hf_files.MODELING_FILE]
+    assert hf_files.HF_TOKENIZER_FILE not in hf_files.write_hf_files(tmp_path / "b", sp, "bpe", model_cfg)
     assert "SentencePiece bpe model; only unigram converts exactly" in caplog.text
