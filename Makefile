@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH)
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
-	$(PIP) install -q -e '.[dev,data]'
+	# the hf extra (transformers, sentence-transformers) with torch held at the pinned version
+	echo '$(TORCH)' > $(VENV)/torch-constraint.txt
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e '.[dev,data,hf]'
 	touch $(STAMP)
 
 demo: install

@@ -230,21 +230,36 @@ class FinetuneConfig(Section):
     # Labelled CSV/TSV (header row) or JSONL files; a relative path not found from the current
     # directory is read from the repository (the shipped data/finetune files work from anywhere).
     train_file: str = "data/finetune/train.jsonl"
+    # Empty: hold out valid_fraction of the training rows instead (stratified by label, seeded).
     valid_file: str = "data/finetune/valid.jsonl"
+    valid_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     text_field: str = "text"
     label_field: str = "label"
-    # Use only this many training rows (0 = all): the first ones of each label in file order, the
-    # same number per label. Pretraining pays off most when labels are scarce.
+    # Use only this many training rows (0 = all, the default): the first ones of each label in file
+    # order, the same number per label. Pretraining pays off most when labels are scarce.
     max_train_examples: int = Field(0, ge=0)
     epochs: int = Field(3, gt=0)
     batch_size: int = Field(32, gt=0)
     # Peak AdamW lr (10% linear warm-up, then linear decay); 1e-3 beat 3e-4 from pretrained and scratch alike.
     lr: float = Field(1e-3, gt=0)
-    # Tokens per text (ids end with eos); at most the encoder's model.max_seq_len.
+    # Tokens per window (ids end with eos); at most the encoder's model.max_seq_len. A longer text
+    # is read as windows window_stride apart (0 = half a window), at most max_windows of them
+    # evenly spread over the text (0 = all), pooled into one vector: never cut silently.
     max_len: int = Field(64, gt=1)
+    window_stride: int = Field(0, ge=0)
+    max_windows: int = Field(4, ge=0)
     pooling: Literal["mean", "first"] = "mean"
     # Same architecture as the export, random weights: the baseline for what pretraining buys.
     from_scratch: bool = False
+    # With from_scratch: input embeddings set from the export's target table (the fastText
+    # initialisation without any pretraining): the control that separates the two.
+    table_init: bool = False
+    # Frozen encoder, only the linear head trained on its pooled vectors: a fast first answer.
+    probe: bool = False
+    # TF-IDF + logistic regression (scikit-learn) on the same split, reported beside.
+    tfidf_baseline: bool = True
+    # auto: CUDA when available, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     # Torch CPU threads; 1 is ~10x faster than 2 for the tiny encoder on shared cores. 0 = torch's default.
     num_threads: int = Field(1, ge=0)

@@ -3,17 +3,22 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "export a run's checkpoint as safetensors + config.json + tokenizer + target table + model card"
+HELP = "export a run's checkpoint as safetensors + config.json + tokenizer + target table + model card (+ Hugging Face files)"
 DESCRIPTION = """Export a training run (any ZeRO stage or pipeline layout) to a directory that loads
 without DeepSpeed or the run directory:
 
-    model.safetensors    weights (fp32 or bf16)
-    config.json          resolved config, vocab size, sha256 of every file
+    model.safetensors    weights (fp32 or bf16); its metadata signs config.json
+    config.json          resolved config, vocab size, sha256 of every file, transformers keys
     tokenizer.model      SentencePiece model
     targets.safetensors  target table
-    README.md            model card (data, steps, eval numbers)
+    README.md            model card (head, data, steps, eval numbers, how to load)
+    modeling_softmaxfree.py, tokenizer.json, tokenizer_config.json,
+    modules.json, sentence_bert_config.json, 1_Pooling/config.json
+                         Hugging Face loading (transformers, sentence-transformers)
 
 Load it with:  model, tokenizer = pretrain.load_encoder(OUT_DIR)
+          or:  transformers.AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True)
+               sentence_transformers.SentenceTransformer(OUT_DIR, trust_remote_code=True)
 
 Run it from the directory the run was trained in (the run's config holds relative data paths)."""
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pretrain.model.windows import WindowBatch, mean_over_tokens, mean_over_windows, window_batch
+
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
 
@@ -115,6 +117,23 @@ def balanced_head(data: LabelledTexts, limit: int) -> LabelledTexts:
     return LabelledTexts(data.path, [data.texts[i] for i in keep], [data.labels[i] for i in keep])
 
 
+def holdout_split(data: LabelledTexts, fraction: float, seed: int) -> tuple[LabelledTexts, LabelledTexts]:
+    """(train, held-out) rows: `fraction` of each label's rows (at least one when it has two or
+    more) drawn with a seeded shuffle, so every label is evaluated; file order kept within each."""
+    gen = torch.Generator().manual_seed(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(data.labels):
+        by_label.setdefault(label, []).append(i)
+    held = set()
+    for label in sorted(by_label):
+        rows = by_label[label]
+        take = min(len(rows) - 1, max(1, round(fraction * len(rows)))) if len(rows) > 1 else 0
+        held.update(rows[j] for j in torch.randperm(len(rows), generator=gen)[:take].tolist())
+    keep = [i for i in range(len(data)) if i not in held]
+    pick = lambda rows: LabelledTexts(data.path, [data.texts[i] for i in rows], [data.labels[i] for i in rows])  # noqa: E731
+    return pick(keep), pick(sorted(held))
+
+
 def label_vocabulary(train: LabelledTexts, *others: LabelledTexts) -> list[str]:
     """Sorted training labels; a label in another split that training never saw is an error."""
     labels = sorted(set(train.labels))
@@ -132,10 +151,11 @@ def label_vocabulary(train: LabelledTexts, *others: LabelledTexts) -> list[str]:
     return labels
 
 
-def encode_texts(sp, texts: list[str], max_len: int) -> list[list[int]]:
-    """Token ids per text, each ended by eos (as documents are in pretraining) and cut to max_len."""
+def document_ids(sp, texts: list[str]) -> list[list[int]]:
+    """Token ids per text, each ended by eos (as documents are in pretraining), not cut: long texts
+    are read in windows (pretrain.model.windows)."""
     eos = sp.eos_id()
-    return [ids[: max_len - 1] + [eos] for ids in sp.encode(texts)]
+    return [ids + [eos] for ids in sp.encode(list(texts))]
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -147,25 +167,53 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     return out
 
 
-class SequenceClassifier(nn.Module):
-    """Pretrained encoder -> pooled hidden state -> linear classifier."""
+@dataclass
+class WindowPolicy:
+    """How a text longer than one window is read: windows of `window` tokens, `stride` apart, at
+    most max_windows of them evenly spread (0 = all), each pooled, then averaged."""
 
-    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int, pooling: str = "mean", pad_id: int = 0, dropout: float = 0.1):
+    window: int
+    stride: int
+    max_windows: int
+
+    @classmethod
+    def from_config(cls, ft) -> "WindowPolicy":
+        return cls(ft.max_len, ft.window_stride or max(1, ft.max_len // 2), ft.max_windows)
+
+    def describe(self, pooling: str) -> str:
+        cap = f"at most {self.max_windows} windows evenly spread over the text" if self.max_windows else "every window"
+        return (f"texts longer than {self.window} tokens are read as sliding windows of {self.window} tokens, "
+                f"{self.stride} apart ({cap}), each {pooling}-pooled, then averaged")
+
+    def as_dict(self) -> dict:
+        return {"window": self.window, "stride": self.stride, "max_windows": self.max_windows}
+
+
+class SequenceClassifier(nn.Module):
+    """Pretrained encoder -> pooled hidden state per window -> mean over a text's windows -> linear."""
+
+    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int, pooling: str = "mean", pad_id: int = 0,
+                 dropout: float = 0.1, windows: WindowPolicy | None = None):
         super().__init__()
         if pooling not in ("mean", "first"):
             raise ValueError(f"pooling must be 'mean' or 'first', got {pooling!r}")
         self.encoder = encoder
         self.pooling = pooling
         self.pad_id = pad_id
+        self.windows = windows or WindowPolicy(encoder.max_positions, max(1, encoder.max_positions // 2), 0)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, num_labels)
 
-    def pool(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "first":
-            return hidden[:, 0]
-        keep = (input_ids != self.pad_id).unsqueeze(-1).to(hidden.dtype)
-        return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+    def batch(self, sequences: list[list[int]]) -> WindowBatch:
+        return window_batch(sequences, self.windows.window, self.windows.stride, self.pad_id, self.windows.max_windows)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder.encode(input_ids)
-        return self.head(self.dropout(self.pool(hidden, input_ids)))
+    def features(self, batch: WindowBatch) -> torch.Tensor:
+        """One pooled vector per text [N, H]."""
+        device = self.head.weight.device
+        mask = batch.attention_mask.to(device)
+        hidden = self.encoder.encode(batch.input_ids.to(device), attention_mask=mask)
+        per_window = hidden[:, 0] if self.pooling == "first" else mean_over_tokens(hidden, mask)
+        return mean_over_windows(per_window, batch.owner, batch.num_texts)
+
+    def forward(self, batch: WindowBatch) -> torch.Tensor:
+        return self.head(self.dropout(self.features(batch)))

@@ -6,10 +6,18 @@ An export directory holds:
     tokenizer.model      the SentencePiece model
     targets.safetensors  the target table (decoding / continuous head; absent for a softmax run without one)
     README.md            model card
+    modeling_softmaxfree.py, tokenizer.json, tokenizer_config.json, modules.json, sentence_bert_config.json,
+    1_Pooling/config.json
+                         what transformers (AutoModel/AutoTokenizer, trust_remote_code=True) and
+                         sentence-transformers need (pretrain.downstream.hf_files); config.json carries
+                         the transformers keys (model_type, auto_map, hidden_size, ...) beside the manifest
 
 Loading verifies every hash and every tensor shape before building the model, and reads nothing but
-JSON, safetensors and a SentencePiece protobuf: no pickle. config.json is written last, so an export
-interrupted half-way fails verification instead of loading stale files.
+JSON, safetensors and a SentencePiece protobuf: no pickle, no transformers. config.json is written
+last, so an export interrupted half-way fails verification instead of loading stale files. The hashes
+in config.json cover every other file; config.json itself is covered by the sha256 of its contents
+(all but the file hashes) stored in model.safetensors' metadata, so an edited config (say the
+objective, masked -> causal) is refused instead of building a different model around the weights.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "softmaxfree-encoder"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config signed in the weights' metadata, Hugging Face files
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -39,6 +47,9 @@ TARGETS_FILE = "targets.safetensors"
 CARD_FILE = "README.md"
 REQUIRED_FILES = (WEIGHTS_FILE, TOKENIZER_FILE)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# config.json's "dtype" is read by transformers too: it holds torch's name, "weights_dtype" ours.
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+CONFIG_SIGNATURE_KEY = "config_sha256"  # in model.safetensors' metadata
 
 
 class ExportError(ValueError):
@@ -82,17 +93,36 @@ def write_export(
     card: str = "",
     extra_files: list[str] = (),
     extra: Mapping[str, Any] | None = None,
+    hf_files: bool = False,
 ) -> Path:
     """Write the export files; config.json (with the hash of every other file) goes last.
 
     extra_files: names of files already written into out_dir that config.json should hash too.
+    hf_files: also write what Hugging Face tools load (needs a real SentencePiece tokenizer and a
+    full config: `model`, `tokenizer` sections, special_ids in extra).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} is a file, not a directory: choose another output directory for the export")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).unlink(missing_ok=True)  # an interrupted re-export must not look complete
-    save_weights(out_dir / WEIGHTS_FILE, state_dict, dtype)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "weights_dtype": dtype,
+        "dtype": TORCH_DTYPE_NAMES.get(dtype, dtype),  # an unknown dtype is refused by save_weights below
+        "vocab_size": int(vocab_size),
+        "config": dict(config),
+        **(extra or {}),
+    }
+    hf_names = []
+    if hf_files:
+        from pretrain.data.tokenizer import load_tokenizer
+        from pretrain.downstream.hf_files import hf_config, write_hf_files
+
+        manifest |= hf_config(config["model"], vocab_size, manifest["special_ids"])
+        hf_names = write_hf_files(out_dir, load_tokenizer(tokenizer_path), config["tokenizer"]["model_type"], config["model"])
+    save_weights(out_dir / WEIGHTS_FILE, state_dict, dtype, metadata={CONFIG_SIGNATURE_KEY: config_signature(manifest)})
     copies = {TOKENIZER_FILE: tokenizer_path}
     if targets_path is not None:
         copies[TARGETS_FILE] = targets_path
@@ -103,22 +133,40 @@ def write_export(
             shutil.copyfile(src, out_dir / name)
     if card:
         (out_dir / CARD_FILE).write_text(card)
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "dtype": dtype,
-        "vocab_size": int(vocab_size),
-        "config": dict(config),
-        "files": {name: {"sha256": file_sha256(out_dir / name), "bytes": (out_dir / name).stat().st_size} for name in (WEIGHTS_FILE, *copies, *extra_files)},
-        **(extra or {}),
-    }
+    names = (WEIGHTS_FILE, *copies, *hf_names, *extra_files)
+    manifest["files"] = {name: {"sha256": file_sha256(out_dir / name), "bytes": (out_dir / name).stat().st_size} for name in names}
     tmp = out_dir / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(out_dir / CONFIG_FILE)
     return out_dir
 
 
+def config_signature(manifest: Mapping[str, Any]) -> str:
+    """sha256 of config.json's contents but the file hashes (which cover the weights that carry it)."""
+    import hashlib
+
+    signed = {k: v for k, v in manifest.items() if k != "files"}
+    return hashlib.sha256(json.dumps(signed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 # Verifying and reading -------------------------------------------------------------------------
+
+def _check_signature(export_dir: Path, manifest: dict) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    weights = export_dir / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            signed = (f.metadata() or {}).get(CONFIG_SIGNATURE_KEY)
+    except (SafetensorError, OSError) as exc:
+        raise ExportError(f"{weights}: not a readable safetensors file ({exc})") from None
+    if signed != config_signature(manifest):
+        raise ExportError(
+            f"{export_dir / CONFIG_FILE} was edited after the export (its sha256 does not match the one signed in "
+            f"{WEIGHTS_FILE}): the weights belong to the config they were exported with; re-run `pretrain export` "
+            "(or `pretrain finetune`) instead of editing config.json"
+        )
+
 
 def read_manifest(export_dir: str | Path) -> dict[str, Any]:
     """config.json of an export, checked for format; every hashed file present with its recorded sha256."""
@@ -135,15 +183,16 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ExportError(f"{cfg_path} is not a {FORMAT_NAME} export config (no \"format\": \"{FORMAT_NAME}\")")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{cfg_path}: format_version {manifest.get('format_version')!r} is not supported (this code reads {FORMAT_VERSION})")
-    for key in ("config", "vocab_size", "files", "dtype"):
+        raise ExportError(f"{cfg_path}: format_version {manifest.get('format_version')!r} is not supported (this code reads {FORMAT_VERSION}); re-run `pretrain export` with this version")
+    for key in ("config", "vocab_size", "files", "weights_dtype"):
         if key not in manifest:
             raise ExportError(f"{cfg_path}: missing key {key!r}; re-run `pretrain export`")
     missing_records = [name for name in REQUIRED_FILES if name not in manifest["files"]]
     if missing_records:
         raise ExportError(f"{cfg_path}: no sha256 recorded for {missing_records}; re-run `pretrain export`")
     for name, record in manifest["files"].items():
-        if Path(name).name != name:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or len(parts) > 2:
             raise ExportError(f"{cfg_path}: file entry {name!r} is not a plain file name inside the export")
         path = export_dir / name
         expected = record.get("sha256") if isinstance(record, dict) else None
@@ -157,6 +206,7 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
                 f"{path}: sha256 {actual[:12]}… does not match {expected[:12]}… recorded in {CONFIG_FILE} "
                 "(the file was modified or replaced); re-export instead of editing files in place"
             )
+    _check_signature(export_dir, manifest)
     return manifest
 
 
@@ -220,6 +270,7 @@ def load_export(export_dir: str | Path, *, dtype: str = "fp32"):
     build_cfg.model.init_embeddings_from_targets = False
     model = build_model(build_cfg, vocab_size, target_table=table, special_ids=manifest.get("special_ids"))
     model.load_state_dict(load_weights(export_dir / WEIGHTS_FILE, model.state_dict()), strict=True)
+    model.tokenizer = sp  # for model.embed(texts)
     return model.to(DTYPES[dtype]).eval(), sp, manifest
 
 
@@ -231,6 +282,37 @@ def load_encoder(export_dir: str | Path, *, dtype: str = "fp32"):
     """
     model, sp, _ = load_export(export_dir, dtype=dtype)
     return model, sp
+
+
+def baseline_encoder(export_dir: str | Path, *, embeddings: str = "random", seed: int = 0, dtype: str = "fp32"):
+    """(model, SentencePieceProcessor): the export's architecture and tokenizer with fresh weights, the
+    baselines a pretrained encoder is measured against.
+
+    embeddings="random": every weight random (what pretraining starts from).
+    embeddings="table":  random, but the input embeddings set from the export's target table (the
+                         fastText initialisation, no pretraining): separates the table's share of a gain.
+    """
+    from pretrain.config import config_from_dict
+    from pretrain.model import build_model
+    from pretrain.targets.table import load_target_table
+
+    if embeddings not in ("random", "table"):
+        raise ValueError(f"embeddings must be 'random' or 'table', got {embeddings!r}")
+    export_dir = Path(export_dir)
+    pretrained, sp, manifest = load_export(export_dir)
+    cfg = config_from_dict(manifest["config"], source=str(export_dir / CONFIG_FILE))
+    table = None
+    if TARGETS_FILE in manifest["files"]:
+        table, _ = load_target_table(export_dir / TARGETS_FILE, tokenizer_sha256=manifest["files"][TOKENIZER_FILE]["sha256"], vocab_size=manifest["vocab_size"])
+    elif embeddings == "table":
+        raise ExportError(f"{export_dir} has no {TARGETS_FILE} to initialise the embeddings from (a softmax run exported without a table)")
+    cfg.model.init_embeddings_from_targets = embeddings == "table"
+    cfg.train.seed = seed  # the projection to d_model, when the table is narrower or wider
+    torch.manual_seed(seed)
+    model = build_model(cfg, manifest["vocab_size"], target_table=table, special_ids=manifest.get("special_ids"))
+    model.tokenizer = sp
+    del pretrained
+    return model.to(DTYPES[dtype]).eval(), sp
 
 
 # From a training run ---------------------------------------------------------------------------
@@ -336,7 +418,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
         data=_data_summary(data_manifest), eval_report=eval_report,
     )
     write_export(out_dir, state_dict=model.state_dict(), config=cfg.to_dict(), vocab_size=vocab_size,
-                 tokenizer_path=run.tokenizer_path, targets_path=targets_path, dtype=dtype, card=card,
+                 tokenizer_path=run.tokenizer_path, targets_path=targets_path, dtype=dtype, card=card, hf_files=True,
                  extra={"special_ids": model.objective.special_ids, "source": source, "eval": eval_report or {}})
     log.info("exported %s (step %s) to %s", run_dir, source["step"], out_dir)
     return out_dir

@@ -1,7 +1,12 @@
 """Fine-tune an exported encoder for sequence classification; report accuracy and macro-F1 per epoch.
 
 The encoder comes from an export directory (`pretrain export`), or, with from_scratch, the same
-architecture (its config.json) with random weights: the comparison that shows what pretraining buys.
+architecture (its config.json) with random weights, optionally with only its input embeddings set
+from the export's target table (table_init): the comparisons that show what pretraining buys. With
+probe, the encoder stays frozen and only a linear head is fitted on its pooled vectors.
+Texts longer than one window are read as sliding windows (classify.WindowPolicy), never cut.
+Scores are reported beside two baselines on the same evaluation rows: the majority label of the
+evaluation split, and TF-IDF + logistic regression (scikit-learn).
 The fine-tuned model is saved as an export directory too (the encoder loads with load_encoder), plus
 classifier.safetensors (the head) and finetune_report.json.
 """
@@ -20,11 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pretrain.config import Config, ConfigError, config_from_dict, resolve_shipped_path, save_resolved
+from pretrain.config import Config, ConfigError, resolve_shipped_path, save_resolved
 from pretrain.downstream import export as export_mod
 from pretrain.downstream.card import finetune_card
 from pretrain.downstream.classify import (
-    LabelledTexts, SequenceClassifier, balanced_head, encode_texts, label_vocabulary, pad_batch, read_labelled,
+    LabelledTexts, SequenceClassifier, WindowPolicy, balanced_head, document_ids, holdout_split, label_vocabulary,
+    read_labelled,
 )
 
 log = logging.getLogger(__name__)
@@ -36,7 +42,9 @@ REPORT_FILE = "finetune_report.json"
 # Metrics ---------------------------------------------------------------------------------------
 
 def classification_metrics(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> dict[str, Any]:
-    """Accuracy, macro-F1 and per-class F1; a class never predicted nor present scores F1 = 0."""
+    """Accuracy, macro-F1 and per-class precision, recall, F1 and support; a class never predicted
+    nor present scores F1 = 0."""
+    pred, gold = pred.cpu(), gold.cpu()
     confusion = torch.bincount(gold * num_labels + pred, minlength=num_labels * num_labels).view(num_labels, num_labels).double()
     true_pos = confusion.diag()
     precision = true_pos / confusion.sum(0).clamp(min=1)
@@ -46,43 +54,43 @@ def classification_metrics(pred: torch.Tensor, gold: torch.Tensor, num_labels: i
         "accuracy": float(true_pos.sum() / confusion.sum().clamp(min=1)),
         "macro_f1": float(f1.mean()),
         "per_class_f1": [round(float(x), 4) for x in f1],
+        "per_class_precision": [round(float(x), 4) for x in precision],
+        "per_class_recall": [round(float(x), 4) for x in recall],
+        "support": [int(x) for x in confusion.sum(1)],
     }
 
 
-def majority_baseline(train_labels: list[int], valid_labels: list[int], num_labels: int) -> dict[str, Any]:
-    """Scores of always predicting the most frequent training label."""
-    majority = Counter(train_labels).most_common(1)[0][0]
-    gold = torch.tensor(valid_labels)
+def majority_baseline(eval_labels: list[int], num_labels: int) -> dict[str, Any]:
+    """Scores of always predicting the most frequent label of the evaluation split (the best constant
+    predictor there; ties go to the lowest label index)."""
+    counts = Counter(eval_labels)
+    majority = min(counts, key=lambda label: (-counts[label], label))
+    gold = torch.tensor(eval_labels)
     scores = classification_metrics(torch.full_like(gold, majority), gold, num_labels)
     return {"label_index": majority, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
 
-# Loop ------------------------------------------------------------------------------------------
+def tfidf_baseline(train_texts: list[str], train_y: torch.Tensor, eval_texts: list[str], eval_y: torch.Tensor, num_labels: int, seed: int) -> dict[str, Any] | None:
+    """TF-IDF (words and word pairs) + logistic regression, fitted on the training rows: the
+    classic baseline an encoder has to beat. None (and a logged line) without scikit-learn."""
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+    except ImportError:
+        log.warning("no TF-IDF baseline: scikit-learn is not installed (pip install -e '.[hf]')")
+        return None
+    pipeline = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(max_iter=2000, random_state=seed))
+    pipeline.fit(train_texts, train_y.tolist())
+    scores = classification_metrics(torch.as_tensor(pipeline.predict(eval_texts)), eval_y, num_labels)
+    return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
-@torch.no_grad()
-def predict(model: SequenceClassifier, sequences: list[list[int]], batch_size: int, pad_id: int) -> torch.Tensor:
-    model.eval()
-    preds = [model(pad_batch(sequences[i : i + batch_size], pad_id)).argmax(-1) for i in range(0, len(sequences), batch_size)]
-    return torch.cat(preds)
 
-
-def initial_encoder(init_dir: Path, from_scratch: bool, seed: int):
-    """(encoder, tokenizer, export manifest): pretrained weights, or the same architecture at random."""
-    encoder, sp, manifest = export_mod.load_export(init_dir)
-    if from_scratch:
-        from pretrain.model import build_model
-
-        enc_cfg = config_from_dict(manifest["config"], source=str(init_dir / export_mod.CONFIG_FILE))
-        # truly random: embeddings initialised from the pretrained target table would leak pretraining
-        enc_cfg.model.init_embeddings_from_targets = False
-        torch.manual_seed(seed)
-        encoder = build_model(enc_cfg, manifest["vocab_size"], target_table=encoder.target_table, special_ids=manifest.get("special_ids"))
-    return encoder, sp, manifest
-
+# Data ------------------------------------------------------------------------------------------
 
 @dataclass
 class Task:
-    """A labelled train/valid pair, tokenised."""
+    """A labelled train/valid pair, tokenised (whole texts: windows are cut at batch time)."""
 
     train: LabelledTexts
     valid: LabelledTexts
@@ -91,19 +99,78 @@ class Task:
     valid_ids: list[list[int]]
     train_y: torch.Tensor
     valid_y: torch.Tensor
+    train_rows_in_file: int
 
 
 def load_task(ft, sp) -> Task:
-    train_file, valid_file = resolve_shipped_path(ft.train_file), resolve_shipped_path(ft.valid_file)
-    train = balanced_head(read_labelled(train_file, ft.text_field, ft.label_field, key="finetune.train_file"), ft.max_train_examples)
-    valid = read_labelled(valid_file, ft.text_field, ft.label_field, key="finetune.valid_file")
+    train_file = resolve_shipped_path(ft.train_file)
+    everything = read_labelled(train_file, ft.text_field, ft.label_field, key="finetune.train_file")
+    if ft.valid_fraction > 0:
+        train, valid = holdout_split(everything, ft.valid_fraction, ft.seed)
+    elif ft.valid_file:
+        train = everything
+        valid = read_labelled(resolve_shipped_path(ft.valid_file), ft.text_field, ft.label_field, key="finetune.valid_file")
+    else:
+        raise ConfigError("finetune.valid_file is empty and finetune.valid_fraction is 0: name an evaluation file "
+                          "(finetune.valid_file=PATH, --valid PATH) or hold out a fraction (finetune.valid_fraction=0.2, --valid-fraction 0.2)")
+    in_file = len(train)
+    train = balanced_head(train, ft.max_train_examples)
     labels = label_vocabulary(train, valid)
     index = {name: i for i, name in enumerate(labels)}
     return Task(
-        train, valid, labels,
-        encode_texts(sp, train.texts, ft.max_len), encode_texts(sp, valid.texts, ft.max_len),
-        torch.tensor([index[x] for x in train.labels]), torch.tensor([index[x] for x in valid.labels]),
+        train, valid, labels, document_ids(sp, train.texts), document_ids(sp, valid.texts),
+        torch.tensor([index[x] for x in train.labels]), torch.tensor([index[x] for x in valid.labels]), in_file,
     )
+
+
+def row_counts(task: Task) -> dict[str, Any]:
+    """Rows per split and per label, as the report and the console show them."""
+    return {
+        "train": {"rows": len(task.train), "rows_available": task.train_rows_in_file, "per_label": dict(sorted(Counter(task.train.labels).items()))},
+        "valid": {"rows": len(task.valid), "per_label": dict(sorted(Counter(task.valid.labels).items()))},
+    }
+
+
+def _log_rows(task: Task, ft, counts: dict[str, Any]) -> None:
+    train, valid = counts["train"], counts["valid"]
+    capped = f" (first {train['rows']} of {train['rows_available']}: finetune.max_train_examples={ft.max_train_examples})" if train["rows"] < train["rows_available"] else ""
+    source = f"{ft.valid_fraction:.0%} held out of {task.train.path}" if ft.valid_fraction > 0 else str(task.valid.path)
+    log.info("training rows: %d%s from %s; per label %s", train["rows"], capped, task.train.path, train["per_label"])
+    log.info("evaluation rows: %d (%s); per label %s", valid["rows"], source, valid["per_label"])
+
+
+# Models ----------------------------------------------------------------------------------------
+
+def initial_encoder(init_dir: Path, from_scratch: bool, seed: int, *, table_init: bool = False):
+    """(encoder, tokenizer, export manifest): pretrained weights, or the same architecture at random
+    (table_init: its input embeddings from the export's target table)."""
+    if table_init and not from_scratch:
+        raise ConfigError("finetune.table_init=true builds a baseline from scratch: use it with --from-scratch (finetune.from_scratch=true)")
+    if not from_scratch:
+        return export_mod.load_export(init_dir)
+    encoder, sp = export_mod.baseline_encoder(init_dir, embeddings="table" if table_init else "random", seed=seed)
+    return encoder, sp, export_mod.read_manifest(init_dir)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("finetune.device=cuda but torch sees no CUDA device; use finetune.device=auto or cpu")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+# Loop ------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model: SequenceClassifier, sequences: list[list[int]], batch_size: int) -> torch.Tensor:
+    model.eval()
+    preds = [model(model.batch(sequences[i : i + batch_size])).argmax(-1).cpu() for i in range(0, len(sequences), batch_size)]
+    return torch.cat(preds)
+
+
+@torch.no_grad()
+def pooled_features(model: SequenceClassifier, sequences: list[list[int]], batch_size: int) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model.features(model.batch(sequences[i : i + batch_size])) for i in range(0, len(sequences), batch_size)])
 
 
 def _optimizer(model: nn.Module, ft, steps_per_epoch: int):
@@ -123,8 +190,8 @@ def train_epoch(model: SequenceClassifier, task: Task, optimizer, schedule, ft, 
     bar = tqdm(range(0, len(order), ft.batch_size), desc=desc, leave=False, disable=None)  # None: no bar in logs
     for start in bar:
         rows = order[start : start + ft.batch_size]
-        logits = model(pad_batch([task.train_ids[i] for i in rows], model.pad_id))
-        loss = nn.functional.cross_entropy(logits, task.train_y[rows])
+        logits = model(model.batch([task.train_ids[i] for i in rows]))
+        loss = nn.functional.cross_entropy(logits, task.train_y[rows].to(logits.device))
         if not torch.isfinite(loss):
             raise ValueError(f"fine-tuning loss became {loss.item()} ({desc}); lower finetune.lr (now {ft.lr})")
         optimizer.zero_grad(set_to_none=True)
@@ -135,6 +202,23 @@ def train_epoch(model: SequenceClassifier, task: Task, optimizer, schedule, ft, 
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return sum(losses) / len(losses)
+
+
+def fit_probe(model: SequenceClassifier, features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-4) -> float:
+    """Linear probe: the head alone, fitted to convergence on frozen pooled vectors (full-batch
+    L-BFGS on cross-entropy + l2·|W|²); returns the final training loss."""
+    head, labels = model.head, labels.to(features.device)
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(head(features), labels) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(head(features), labels))
 
 
 @contextmanager
@@ -149,12 +233,16 @@ def _torch_threads(n: int):
 
 
 def finetune(cfg: Config, init_dir: str | Path, out_dir: str | Path, *, from_scratch: bool | None = None) -> dict[str, Any]:
-    """Train a pooled classifier on cfg.finetune.train_file; evaluate on valid_file after every epoch."""
+    """Train a pooled classifier on cfg.finetune.train_file; evaluate on the validation rows after every epoch."""
     cfg = cfg.model_copy(deep=True)
     if from_scratch is not None:
         cfg.finetune.from_scratch = from_scratch  # so the saved config and MLflow params say what ran
     with _torch_threads(cfg.finetune.num_threads):
         return _finetune(cfg, Path(init_dir), Path(out_dir))
+
+
+def _init_kind(ft) -> str:
+    return ("scratch+table" if ft.table_init else "scratch") if ft.from_scratch else "pretrained"
 
 
 def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -165,7 +253,8 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"--out {out_dir} is the --init export itself; fine-tuning writes a new export, choose another directory")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a directory: choose another output directory")
-    encoder, sp, manifest = initial_encoder(init_dir, ft.from_scratch, ft.seed)
+    device = pick_device(ft.device)
+    encoder, sp, manifest = initial_encoder(init_dir, ft.from_scratch, ft.seed, table_init=ft.table_init)
     enc_model = manifest["config"]["model"]
     if ft.max_len > enc_model["max_seq_len"]:
         raise ConfigError(
@@ -173,10 +262,14 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
             f"({init_dir / export_mod.CONFIG_FILE}); set finetune.max_len={enc_model['max_seq_len']} or less"
         )
     task = load_task(ft, sp)
+    counts = row_counts(task)
+    _log_rows(task, ft, counts)
+    policy = WindowPolicy.from_config(ft)
     torch.manual_seed(ft.seed)
-    model = SequenceClassifier(encoder, enc_model["d_model"], len(task.labels), pooling=ft.pooling, pad_id=sp.pad_id())
-    optimizer, schedule = _optimizer(model, ft, steps_per_epoch=-(-len(task.train_ids) // ft.batch_size))
-    order = torch.Generator().manual_seed(ft.seed)
+    model = SequenceClassifier(encoder, enc_model["d_model"], len(task.labels), pooling=ft.pooling, pad_id=sp.pad_id(), windows=policy).to(device)
+    longest = max(map(len, task.train_ids + task.valid_ids))
+    log.info("%s on %s; %s (longest text: %d tokens)", "linear probe of the frozen encoder" if ft.probe else "fine-tuning", device,
+             policy.describe(ft.pooling), longest)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out_dir)
@@ -186,28 +279,48 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
     encoder_files = {"encoder": [init_dir / export_mod.CONFIG_FILE, init_dir / export_mod.TOKENIZER_FILE, init_dir / export_mod.CARD_FILE]}
     with start_tracking(cfg, out_dir, 0, inputs=encoder_files) as tracker:
         tracker.log_params({"finetune.init": str(init_dir)})
-        for epoch in range(1, ft.epochs + 1):
-            train_loss = train_epoch(model, task, optimizer, schedule, ft, order, desc=f"epoch {epoch}/{ft.epochs}")
-            scores = classification_metrics(predict(model, task.valid_ids, ft.batch_size, model.pad_id), task.valid_y, len(task.labels))
-            history.append({"epoch": epoch, "train_loss": train_loss, **scores})
-            tracker.log_metrics({"train_loss": train_loss, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}, step=epoch)
-            log.info("epoch %d: train loss %.4f, valid accuracy %.4f, macro-F1 %.4f", epoch, train_loss, scores["accuracy"], scores["macro_f1"])
-        baseline = majority_baseline(task.train_y.tolist(), task.valid_y.tolist(), len(task.labels))
+        if ft.probe:
+            model.encoder.requires_grad_(False)
+            train_loss = fit_probe(model, pooled_features(model, task.train_ids, ft.batch_size), task.train_y)
+            model.eval()
+            scores = classification_metrics(predict(model, task.valid_ids, ft.batch_size), task.valid_y, len(task.labels))
+            history.append({"epoch": 1, "train_loss": train_loss, **scores})
+        else:
+            optimizer, schedule = _optimizer(model, ft, steps_per_epoch=-(-len(task.train_ids) // ft.batch_size))
+            order = torch.Generator().manual_seed(ft.seed)
+            for epoch in range(1, ft.epochs + 1):
+                train_loss = train_epoch(model, task, optimizer, schedule, ft, order, desc=f"epoch {epoch}/{ft.epochs}")
+                scores = classification_metrics(predict(model, task.valid_ids, ft.batch_size), task.valid_y, len(task.labels))
+                history.append({"epoch": epoch, "train_loss": train_loss, **scores})
+                log.info("epoch %d: train loss %.4f, valid accuracy %.4f, macro-F1 %.4f", epoch, train_loss, scores["accuracy"], scores["macro_f1"])
+        for step, h in enumerate(history, 1):
+            tracker.log_metrics({"train_loss": h["train_loss"], "accuracy": h["accuracy"], "macro_f1": h["macro_f1"]}, step=step)
+        baseline = majority_baseline(task.valid_y.tolist(), len(task.labels))
+        tfidf = tfidf_baseline(task.train.texts, task.train_y, task.valid.texts, task.valid_y, len(task.labels), ft.seed) if ft.tfidf_baseline else None
+        final = history[-1]
         report = {
             "init": str(init_dir),
             "from_scratch": ft.from_scratch,
+            "init_kind": _init_kind(ft),
+            "mode": "probe" if ft.probe else "finetune",
+            "device": str(device),
             "labels": task.labels,
             "train_file": str(task.train.path),
-            "valid_file": str(task.valid.path),
+            "valid_file": f"{ft.valid_fraction:.0%} held out of {task.train.path}" if ft.valid_fraction > 0 else str(task.valid.path),
             "train_rows": len(task.train),
             "valid_rows": len(task.valid),
-            "accuracy": history[-1]["accuracy"],
-            "macro_f1": history[-1]["macro_f1"],
+            "rows": counts,
+            "windows": policy.as_dict() | {"policy": policy.describe(ft.pooling), "longest_text_tokens": longest},
+            "accuracy": final["accuracy"],
+            "macro_f1": final["macro_f1"],
+            "per_class": {label: {"precision": final["per_class_precision"][i], "recall": final["per_class_recall"][i],
+                                  "f1": final["per_class_f1"][i], "support": final["support"][i]} for i, label in enumerate(task.labels)},
             "majority_baseline": baseline | {"label": task.labels[baseline["label_index"]]},
+            "tfidf_baseline": tfidf,
             "history": history,
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        save_finetuned(out_dir, model, init_dir, manifest, task.labels, ft, report)
+        save_finetuned(out_dir, model.cpu(), init_dir, manifest, task.labels, ft, report)
         (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
         tracker.log_artifact(out_dir / REPORT_FILE)
     return report
@@ -216,9 +329,10 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
 # Saving / loading ------------------------------------------------------------------------------
 
 def save_finetuned(out_dir: Path, model: SequenceClassifier, init_dir: Path, manifest: dict, labels: list[str], ft, report: dict) -> None:
-    """The encoder as an export (loadable with load_encoder) plus the classifier head."""
+    """The encoder as an export (loadable with load_encoder, and by Hugging Face tools) plus the classifier head."""
     export_mod.save_weights(out_dir / CLASSIFIER_FILE, model.head.state_dict(), "fp32")
-    classifier = {"labels": labels, "pooling": ft.pooling, "max_len": ft.max_len, "pad_id": model.pad_id, "file": CLASSIFIER_FILE}
+    classifier = {"labels": labels, "pooling": ft.pooling, "max_len": ft.max_len, "windows": model.windows.as_dict(),
+                  "pad_id": model.pad_id, "file": CLASSIFIER_FILE}
     card = finetune_card(manifest, report, classifier)
     export_mod.write_export(
         out_dir,
@@ -230,7 +344,9 @@ def save_finetuned(out_dir: Path, model: SequenceClassifier, init_dir: Path, man
         dtype="fp32",
         card=card,
         extra_files=[CLASSIFIER_FILE],
-        extra={"special_ids": manifest.get("special_ids"), "classifier": classifier, "finetuned_from": manifest.get("source", {}) | {"export": str(init_dir), "from_scratch": report["from_scratch"]}},
+        hf_files=True,
+        extra={"special_ids": manifest.get("special_ids"), "classifier": classifier,
+               "finetuned_from": manifest.get("source", {}) | {"export": str(init_dir), "from_scratch": report["from_scratch"], "init_kind": report["init_kind"]}},
     )
 
 
@@ -241,6 +357,7 @@ def load_classifier(export_dir: str | Path) -> tuple[SequenceClassifier, Any, li
     if "classifier" not in manifest:
         raise export_mod.ExportError(f"{export_dir / export_mod.CONFIG_FILE} has no classifier: {export_dir} is a plain encoder export, not a `pretrain finetune` output")
     spec = manifest["classifier"]
-    model = SequenceClassifier(encoder, manifest["config"]["model"]["d_model"], len(spec["labels"]), pooling=spec["pooling"], pad_id=spec["pad_id"])
+    model = SequenceClassifier(encoder, manifest["config"]["model"]["d_model"], len(spec["labels"]), pooling=spec["pooling"],
+                               pad_id=spec["pad_id"], windows=WindowPolicy(**spec["windows"]))
     model.head.load_state_dict(export_mod.load_weights(export_dir / CLASSIFIER_FILE, model.head.state_dict()))
     return model.eval(), sp, spec["labels"]

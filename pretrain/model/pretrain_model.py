@@ -14,6 +14,7 @@ from torch import nn
 from pretrain.model.encoder import Encoder, doc_ids_from_padding
 from pretrain.model.heads import ContinuousHead, SoftmaxHead
 from pretrain.model.objectives import IGNORE_INDEX, Objective
+from pretrain.model.windows import mean_over_tokens, mean_over_windows, window_batch, window_starts
 from pretrain_kernels import continuous_loss, fused_linear_continuous_loss, loss_params
 
 
@@ -50,11 +51,55 @@ class PretrainModel(nn.Module):
             return self.learned_targets.table_for_decoding()
         return self.frozen_table
 
-    def encode(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states [B, L, H]; without doc_ids each row is one document and pad_id is padding."""
+    @property
+    def max_positions(self) -> int:
+        return self.encoder.embed.max_seq_len
+
+    def encode(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
+               attention_mask: torch.Tensor | None = None, stride: int | None = None) -> torch.Tensor:
+        """Hidden states [B, L, H]. Each row is one document unless doc_ids say otherwise; padding is
+        where attention_mask is 0 (or, without a mask, where input_ids == pad_id).
+
+        Rows longer than the model's positions are read in sliding windows (`stride` apart, default
+        half a window); a token's state is the mean of its states in the windows that contain it.
+        """
         if doc_ids is None:
-            doc_ids = doc_ids_from_padding(input_ids, self.pad_id)
-        return self.encoder(input_ids, doc_ids)
+            doc_ids = doc_ids_from_padding(input_ids, self.pad_id) if attention_mask is None else torch.where(attention_mask.bool(), 0, -1)
+        window, length = self.max_positions, input_ids.shape[1]
+        if length <= window:
+            return self.encoder(input_ids, doc_ids)
+        total, covered = None, torch.zeros(length, device=input_ids.device)
+        for start in window_starts(length, window, stride or max(1, window // 2)):
+            part = self.encoder(input_ids[:, start : start + window], doc_ids[:, start : start + window])
+            total = part.new_zeros(*input_ids.shape, part.shape[-1]) if total is None else total
+            total[:, start : start + window] += part
+            covered[start : start + window] += 1
+        return total / covered.to(total.dtype)[None, :, None]
+
+    @torch.no_grad()
+    def embed(self, texts: list[str] | str, *, tokenizer=None, batch_size: int = 32, stride: int | None = None,
+              max_windows: int = 0) -> torch.Tensor:
+        """One vector per text [N, H]: tokenised as in pretraining (pieces + eos), mean over real tokens;
+        a text longer than the model's positions is cut into windows `stride` apart (default half a
+        window; at most max_windows of them, evenly spread, if > 0) and its vector is the mean of theirs.
+        """
+        sp = tokenizer if tokenizer is not None else getattr(self, "tokenizer", None)
+        if sp is None:
+            raise ValueError("embed needs the SentencePiece tokenizer: load the model with pretrain.load_encoder(EXPORT_DIR) "
+                             "(it attaches one), or pass tokenizer=sentencepiece.SentencePieceProcessor(model_file=...)")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return torch.empty(0, self.encoder.norm.normalized_shape[0])
+        window = self.max_positions
+        sequences = [ids + [sp.eos_id()] for ids in sp.encode(texts)]
+        windows = window_batch(sequences, window, stride or max(1, window // 2), self.pad_id, max_windows)
+        device = next(self.parameters()).device
+        vectors = []
+        for start in range(0, len(windows.owner), batch_size):
+            ids = windows.input_ids[start : start + batch_size].to(device)
+            mask = windows.attention_mask[start : start + batch_size].to(device)
+            vectors.append(mean_over_tokens(self.encode(ids, attention_mask=mask), mask))
+        return mean_over_windows(torch.cat(vectors), windows.owner, windows.num_texts)
 
     def predict(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted target embeddings [B, L, D] (continuous) or logits [B, L, V] (softmax)."""
@@ -64,7 +109,8 @@ class PretrainModel(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         if "labels" not in batch:
             batch = self.objective(batch, generator)
-        hidden = self.encode(batch["input_ids"], batch["doc_ids"])
+        # the encoder itself, not encode(): a training batch longer than the positions is an error, never windowed
+        hidden = self.encoder(batch["input_ids"], batch["doc_ids"])
         labels = batch["labels"].reshape(-1)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if self.continuous:

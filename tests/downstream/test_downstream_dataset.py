@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.downstream.classify import LabelledTexts, SequenceClassifier, balanced_head, label_vocabulary, pad_batch, read_labelled
+from pretrain.downstream.classify import (
+    LabelledTexts, SequenceClassifier, WindowPolicy, balanced_head, holdout_split, label_vocabulary, pad_batch, read_labelled,
+)
 from pretrain.downstream.finetune import classification_metrics, majority_baseline
 
 
@@ -84,11 +86,13 @@ def test_shipped_dataset_reads_cleanly(repo_root):
 class _PositionwiseEncoder(nn.Module):
     """Stand-in encoder whose hidden state at a position depends only on that token."""
 
+    max_positions = 4
+
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(10, 3)
 
-    def encode(self, input_ids):
+    def encode(self, input_ids, attention_mask=None):
         return self.embed(input_ids)
 
 
@@ -96,15 +100,28 @@ def test_mean_pooling_ignores_padding_and_first_takes_position_zero():
     torch.manual_seed(0)
     enc = _PositionwiseEncoder()
     model = SequenceClassifier(enc, hidden_size=3, num_labels=2, pooling="mean", pad_id=0).eval()
-    short = pad_batch([[5, 6, 7]], pad_id=0)
-    padded = pad_batch([[5, 6, 7], [1, 2, 3, 4, 8, 9]], pad_id=0)
-    assert padded.tolist()[0] == [5, 6, 7, 0, 0, 0]
+    short = model.batch([[5, 6, 7]])
+    padded = model.batch([[5, 6, 7], [1, 2, 3, 4]])
+    assert padded.input_ids.tolist()[0] == [5, 6, 7, 0] and padded.attention_mask.tolist()[0] == [1, 1, 1, 0]
+    assert pad_batch([[5, 6, 7], [1, 2]], pad_id=0).tolist() == [[5, 6, 7], [1, 2, 0]]
     torch.testing.assert_close(model(padded)[0], model(short)[0])
-    torch.testing.assert_close(model.pool(enc.encode(short), short), enc.embed.weight[[5, 6, 7]].mean(0, keepdim=True))
+    torch.testing.assert_close(model.features(short), enc.embed.weight[[5, 6, 7]].mean(0, keepdim=True))
     first = SequenceClassifier(enc, hidden_size=3, num_labels=2, pooling="first", pad_id=0)
-    torch.testing.assert_close(first.pool(enc.encode(padded), padded), enc.embed.weight[[5, 1]])
+    torch.testing.assert_close(first.features(padded), enc.embed.weight[[5, 1]])
     with pytest.raises(ValueError, match="pooling"):
         SequenceClassifier(enc, 3, 2, pooling="max")
+
+
+def test_a_text_longer_than_a_window_is_the_mean_of_its_windows_not_cut():
+    enc = _PositionwiseEncoder()
+    model = SequenceClassifier(enc, hidden_size=3, num_labels=2, pooling="mean", pad_id=0,
+                               windows=WindowPolicy(window=4, stride=2, max_windows=0)).eval()
+    text = [5, 6, 7, 8, 9, 5]  # windows [5 6 7 8], [7 8 9 5]
+    w = enc.embed.weight
+    expected = (w[[5, 6, 7, 8]].mean(0) + w[[7, 8, 9, 5]].mean(0)) / 2
+    torch.testing.assert_close(model.features(model.batch([text, [5]])), torch.stack([expected, w[5]]))
+    first = SequenceClassifier(enc, 3, 2, pooling="first", windows=WindowPolicy(4, 2, 0))
+    torch.testing.assert_close(first.features(first.batch([text])), ((w[5] + w[7]) / 2)[None])
 
 
 def test_metrics_match_hand_computed_values():
@@ -120,11 +137,23 @@ def test_metrics_match_hand_computed_values():
     assert never["per_class_f1"] == [pytest.approx(2 / 3, abs=1e-4), 0.0, 0.0]
 
 
-def test_majority_baseline_predicts_most_frequent_training_label():
-    base = majority_baseline([2, 2, 1, 0], [2, 1, 1, 0], 3)
-    assert base["label_index"] == 2
-    assert base["accuracy"] == pytest.approx(0.25)
-    assert base["macro_f1"] == pytest.approx((0 + 0 + 0.4) / 3)
+def test_majority_baseline_is_the_most_frequent_label_of_the_evaluation_split():
+    base = majority_baseline([2, 1, 1, 0], 3)
+    assert base["label_index"] == 1
+    assert base["accuracy"] == pytest.approx(0.5)
+    assert base["macro_f1"] == pytest.approx((0 + 2 / 3 + 0) / 3)
+    # a tie goes to the lowest index, whatever order the rows come in (not the first label seen)
+    assert majority_baseline([2, 0, 2, 0, 1], 3)["label_index"] == 0
+
+
+def test_holdout_split_keeps_every_label_in_both_parts_and_is_seeded(tmp_path):
+    labels = ["a"] * 10 + ["b"] * 5 + ["c"] * 2
+    data = LabelledTexts(tmp_path / "x.csv", [f"t{i}" for i in range(len(labels))], labels)
+    train, held = holdout_split(data, 0.2, seed=0)
+    assert sorted(held.labels) == ["a", "a", "b", "c"] and len(train) == 13
+    assert set(train.texts) | set(held.texts) == set(data.texts) and not set(train.texts) & set(held.texts)
+    assert holdout_split(data, 0.2, seed=0)[1].texts == held.texts
+    assert holdout_split(data, 0.2, seed=1)[1].texts != held.texts
 
 
 def test_balanced_head_takes_the_first_rows_of_each_label(tmp_path):

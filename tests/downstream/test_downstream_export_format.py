@@ -38,7 +38,7 @@ def standin_export(tmp_path):
 def test_roundtrip_is_exact_in_fp32_and_keeps_tied_and_integer_tensors(standin_export):
     model, out = standin_export
     manifest = ex.read_manifest(out)
-    assert manifest["vocab_size"] == 11 and manifest["dtype"] == "fp32" and manifest["source"] == {"step": 3}
+    assert manifest["vocab_size"] == 11 and manifest["weights_dtype"] == "fp32" and manifest["dtype"] == "float32" and manifest["source"] == {"step": 3}
     assert set(manifest["files"]) == {"model.safetensors", "tokenizer.model", "targets.safetensors"}
     assert (out / "README.md").read_text() == "# card\n"
     fresh = _StandIn()
@@ -132,3 +132,41 @@ def test_export_onto_an_existing_file_is_refused(standin_export, tmp_path):
         ex.write_export(target, state_dict=model.state_dict(), config={}, vocab_size=11, tokenizer_path=out / "tokenizer.model",
                         targets_path=None)
     assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["config"]["model"].update(objective="causal"),  # masked -> causal: would build another model
+    lambda m: m.update(vocab_size=12),
+    lambda m: m.update(special_ids={"pad": 1}),
+])
+def test_edited_config_json_is_refused_naming_the_file(standin_export, edit):
+    _, out = standin_export
+    manifest = json.loads((out / "config.json").read_text())
+    edit(manifest)
+    (out / "config.json").write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(ex.ExportError, match=r"config.json was edited after the export .*model.safetensors.*re-run `pretrain export`"):
+        ex.read_manifest(out)
+
+
+def test_config_signature_survives_reformatting_but_not_weights_from_another_export(standin_export, tmp_path):
+    model, out = standin_export
+    manifest = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(manifest, indent=4, sort_keys=True))  # same contents, other layout
+    assert ex.read_manifest(out)["vocab_size"] == 11
+    # weights of an export with another config, their hash patched into this config.json: still refused
+    other = ex.write_export(tmp_path / "other", state_dict=model.state_dict(), config={"model": {"d_model": 7}}, vocab_size=11,
+                            tokenizer_path=out / "tokenizer.model", targets_path=None)
+    (out / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    manifest["files"]["model.safetensors"]["sha256"] = ex.file_sha256(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(manifest))
+    with pytest.raises(ex.ExportError, match="config.json was edited after the export"):
+        ex.read_manifest(out)
+
+
+def test_export_from_before_config_signing_is_refused_with_the_fix(standin_export):
+    _, out = standin_export
+    manifest = json.loads((out / "config.json").read_text())
+    manifest["format_version"] = 1  # written before config signing and the Hugging Face files
+    (out / "config.json").write_text(json.dumps(manifest))
+    with pytest.raises(ex.ExportError, match=r"format_version 1 is not supported \(this code reads 2\); re-run `pretrain export`"):
+        ex.read_manifest(out)

@@ -6,8 +6,10 @@ outputs must equal those of the model the engine's own consolidation gives.
 """
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,7 +87,9 @@ def test_config_json_and_model_card_describe_the_run(tiny_runs, exports):
     assert manifest["source"]["step"] == 16 and manifest["source"]["zero_stage"] == 3
     assert manifest["source"]["tag"] == "step-00000016"
     assert manifest["vocab_size"] == 1000 and manifest["special_ids"]["pad"] == 0
-    assert set(manifest["files"]) == {"model.safetensors", "tokenizer.model", "targets.safetensors"}
+    assert set(manifest["files"]) == {"model.safetensors", "tokenizer.model", "targets.safetensors", "modeling_softmaxfree.py",
+                                      "tokenizer.json", "tokenizer_config.json", "modules.json", "sentence_bert_config.json",
+                                      "1_Pooling/config.json"}
     for name, record in manifest["files"].items():
         assert record["sha256"] == hashlib.sha256((exports["zero3"] / name).read_bytes()).hexdigest()
     card = (exports["zero3"] / "README.md").read_text()
@@ -111,10 +115,7 @@ def test_bf16_export_halves_the_file_and_stays_close(tiny_runs, exports, tmp_pat
 
 
 def test_loading_needs_neither_deepspeed_nor_the_run(exports, tmp_path):
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    for f in exports["zero2"].iterdir():
-        (moved / f.name).write_bytes(f.read_bytes())
+    moved = _copy_export(exports["zero2"], tmp_path / "moved")
     code = (
         "import sys, pretrain; m, sp = pretrain.load_encoder(sys.argv[1]); "
         "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('deepspeed', 'mlflow', 'faiss', 'gensim')); "
@@ -126,15 +127,23 @@ def test_loading_needs_neither_deepspeed_nor_the_run(exports, tmp_path):
 
 
 def _copy_export(src, dst):
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
+    return Path(shutil.copytree(src, dst))
 
 
 def _edit_config(export_dir, edit):
+    """Edit config.json and re-sign it in the weights' metadata, as a buggy writer would produce it:
+    the checks behind the signature (shapes, vocabulary, validation) are what these cases exercise.
+    An edit without re-signing is refused earlier (test_downstream_export_format)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     manifest = json.loads((export_dir / "config.json").read_text())
     edit(manifest)
+    weights = export_dir / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(str(weights)), str(weights), metadata={**metadata, ex.CONFIG_SIGNATURE_KEY: ex.config_signature(manifest)})
+    manifest["files"]["model.safetensors"]["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     (export_dir / "config.json").write_text(json.dumps(manifest))
 
 

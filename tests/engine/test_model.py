@@ -78,10 +78,16 @@ def test_encode_without_doc_ids_treats_pad_as_padding(table):
     assert model.predict(ids).shape == (1, 6, DIM)
 
 
-def test_input_longer_than_max_seq_len_is_refused(table):
+def test_training_input_longer_than_max_seq_len_is_refused(table):
+    # encode() reads longer inputs by sliding windows (tests/downstream/test_downstream_embed.py);
+    # the encoder itself, and so a training batch, refuses them
     model = build_model(make_cfg(), VOCAB, table)
+    too_long = torch.ones(1, LENGTH + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="max_seq_len"):
-        model.encode(torch.ones(1, LENGTH + 1, dtype=torch.long))
+        model.encoder(too_long, torch.zeros_like(too_long))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model({"input_ids": too_long, "doc_ids": torch.zeros_like(too_long)})
+    assert model.encode(too_long).shape[:2] == (1, LENGTH + 1)
 
 
 # Objectives -----------------------------------------------------------------------------------------
