@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.encoder import Encoder, doc_ids_from_padding
-from pretrain.model.heads import ContinuousHead, SoftmaxHead
+from pretrain.model.heads import AdaptiveSoftmaxHead, ContinuousHead, SoftmaxHead
 from pretrain.model.objectives import IGNORE_INDEX, Objective
 from pretrain_kernels import continuous_loss, fused_linear_continuous_loss, loss_params
 
@@ -70,6 +70,8 @@ class PretrainModel(nn.Module):
         hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
         if self.continuous and self.fused_head:
             return self._fused_continuous_loss(hidden, labels[rows])
+        if isinstance(self.head, AdaptiveSoftmaxHead):  # its own loss: never the full V logits in training
+            return self.head.loss(hidden, labels[rows])
         return self.loss_from_outputs(self.head(hidden), labels[rows])
 
     def loss_table(self) -> torch.Tensor:
