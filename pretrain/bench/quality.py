@@ -69,8 +69,9 @@ PLOTS = {"time": "quality_top1_vs_cpu_time.png", "buckets": "quality_top1_per_fr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML config (default configs/tiny.yaml): encoder, tokenizer, targets, train lr")
-    parser.add_argument("--corpus", action="append", default=None, metavar="NAME=PATH[:blank_line]",
-                        help="a corpus (file, directory or glob); ':blank_line' makes paragraphs the documents; repeatable "
+    parser.add_argument("--corpus", action="append", default=None, metavar="NAME=PATH[:line|:blank_line]",
+                        help="a corpus (file, directory or glob); ':blank_line' makes paragraphs the documents, ':line' "
+                             "every line (the default except for the Python docs); repeatable "
                              f"(default: {' and '.join(c.split('=')[0] for c in DEFAULT_CORPORA)})")
     parser.add_argument("--variant", action="append", default=None, metavar="NAME[=KEY=VALUE,...]",
                         help=f"a head variant: one of {', '.join(VARIANTS)}, or NAME=overrides for a new one, e.g. "
@@ -81,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus-bytes", type=int, default=0, help="use only the first N bytes of each corpus (0: all; --small: 300 kB)")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per encoder and label budget")
     parser.add_argument("--scarce-per-class", type=int, default=20, help="labels per class of the scarce fine-tuning setting")
+    parser.add_argument("--many-per-class", type=int, default=0, help="labels per class of the larger setting (0: all labels)")
     parser.add_argument("--downstream", default="best", help="'best' (softmax, adaptive softmax, the best continuous variant), "
                         "'all', 'none', or comma-separated variant names")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is compute time on a shared machine)")
@@ -125,11 +127,11 @@ def parse_corpora(specs: list[str] | None) -> list[Corpus]:
         name, sep, path = spec.partition("=")
         if not sep or not path:
             raise ValueError(f"--corpus {spec!r}: expected NAME=PATH (file, directory or glob)")
-        separator = "line"
-        if path.endswith(":blank_line"):
-            path, separator = path[: -len(":blank_line")], "blank_line"
-        elif path == PYTHON_DOCS:
-            separator = "blank_line"  # reST: paragraphs are separated by blank lines, lines are hard-wrapped
+        # reST/markdown/prose is hard-wrapped: a paragraph (blank-line separated) is the document there.
+        separator = "blank_line" if path == PYTHON_DOCS else "line"
+        for choice in ("line", "blank_line"):
+            if path.endswith(f":{choice}"):
+                path, separator = path[: -len(choice) - 1], choice
         if not any(Path(p).exists() for p in [path]) and "*" not in path:
             hint = " (Debian package python3.11-doc: `make system-deps`)" if path == PYTHON_DOCS else ""
             raise FileNotFoundError(f"--corpus {name}: {path} not found{hint}; pass --corpus NAME=PATH for another corpus")
@@ -405,7 +407,7 @@ def _carrier(cfg, manifest):
     return build_model(build, manifest["vocab_size"], special_ids=manifest["special_ids"])
 
 
-def downstream(encoders: dict[str, Path], cfg, workdir: Path, seeds: int, scarce_per_class: int) -> dict:
+def downstream(encoders: dict[str, Path], cfg, workdir: Path, seeds: int, scarce_per_class: int, many_per_class: int = 0) -> dict:
     """Fine-tuning accuracy (mean, spread = max - min over seeds) per encoder and label budget;
     'random init' is the first encoder's architecture from random weights (finetune --from-scratch)."""
     from pretrain.downstream.classify import read_labelled
@@ -417,7 +419,8 @@ def downstream(encoders: dict[str, Path], cfg, workdir: Path, seeds: int, scarce
     ft_cfg.tracking.enabled = False
     train_rows = read_labelled(resolve_shipped_path(ft_cfg.finetune.train_file), ft_cfg.finetune.text_field, ft_cfg.finetune.label_field)
     classes = len(label_vocabulary(train_rows))
-    budgets = {f"{scarce_per_class} per class": scarce_per_class * classes, "all labels": 0}
+    budgets = {f"{scarce_per_class} per class": scarce_per_class * classes,
+               f"{many_per_class} per class" if many_per_class else "all labels": many_per_class * classes}
     first = next(iter(encoders.values()))
     runs = {**{name: (path, False) for name, path in encoders.items()}, "control: random init": (first, True)}
     results = {}
@@ -466,6 +469,7 @@ def run_corpus(corpus: Corpus, base_cfg, variants: dict[str, list[str]], args, s
             model = build_variant(vcfg, variants[name], vocab, table, counts, special)
             runs["equal_time"] = (model, train(model, vcfg, time_steps))
         for budget, (model, training) in runs.items():
+            log.info("quality: %s %s: %s", corpus.name, name, training)
             outputs, targets = head_outputs(model, vcfg, "valid")
             if reference_targets is None:
                 reference_targets = targets
@@ -538,7 +542,8 @@ def run(args: argparse.Namespace) -> dict:
             untrained = build_variant(table_cfg, [], result["vocab_size"], target_table(table_cfg), None, None)
             encoders["control: table embeddings, no pretraining"] = export_encoder(untrained, table_cfg, root / "table-init", table_cfg.targets.path)
             result["downstream"] = {"task": str(cfg.finetune.train_file), "seeds": seeds, "epochs": cfg.finetune.epochs,
-                                    "results": downstream(encoders, cfg, Path(args.workdir) / corpus.name, seeds, args.scarce_per_class)}
+                                    "results": downstream(encoders, cfg, Path(args.workdir) / corpus.name, seeds, args.scarce_per_class,
+                                                           args.many_per_class)}
         results["corpora"][corpus.name] = result
     results["seconds"] = round(time.perf_counter() - started, 1)
     write_outputs(results, Path(args.out), args)
