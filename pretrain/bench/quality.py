@@ -198,6 +198,7 @@ def prepare_corpus(base_cfg, corpus: Corpus, workdir: Path, max_bytes: int):
 
 def target_table(cfg) -> torch.Tensor:
     """The table for cfg.targets (built once per distinct targets section of this corpus)."""
+    from pretrain.data.manifest import manifest_sha256
     from pretrain.targets.build import build_targets
     from pretrain.targets.table import load_target_table
 
@@ -206,9 +207,11 @@ def target_table(cfg) -> torch.Tensor:
     digest = _digest(table_key)
     cfg.targets.path = str(Path(cfg.workdir) / "targets" / digest / "targets.safetensors")
     Path(cfg.targets.path).parent.mkdir(parents=True, exist_ok=True)
-    _stamped(Path(cfg.targets.path).parent / "quality-stamp.json", {**table_key, "data": str(cfg.data_dir)},
+    # Keyed by the prepared data's manifest too: re-prepared data (another tokenizer) needs a new table.
+    _stamped(Path(cfg.targets.path).parent / "quality-stamp.json", {**table_key, "data": manifest_sha256(cfg.data_dir)},
              lambda: build_targets(cfg, progress=False))
-    return load_target_table(cfg.targets.path)[0]
+    tokenizer_sha = json.loads((Path(cfg.data_dir) / "manifest.json").read_text())["tokenizer_sha256"]
+    return load_target_table(cfg.targets.path, tokenizer_sha256=tokenizer_sha)[0]
 
 
 def _digest(value: dict) -> str:

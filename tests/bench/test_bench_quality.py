@@ -116,3 +116,11 @@ def test_small_study_fine_tunes_against_both_controls_and_writes_table_and_plots
     assert "## Corpus: wordnet" in table and "## Corpus: docs" in table and "cosine+csls" in table
     for plot in quality.PLOTS.values():
         assert (out_dir / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prepared_data_and_tables_are_reused_only_for_the_same_key(tmp_path):
+    built = []
+    stamp = tmp_path / "stamp.json"
+    for key in ({"data": "a"}, {"data": "a"}, {"data": "b"}):  # "b": re-prepared data (another manifest)
+        quality._stamped(stamp, key, lambda: built.append(1))
+    assert len(built) == 2
