@@ -29,6 +29,8 @@ Quote the ratios: they are measured side by side in one run. Absolute times mean
 on the hardware named in the output."""
 log = logging.getLogger(__name__)
 NOT_SUITES = {"report"}  # modules of pretrain.bench that are not benchmarks
+# Suites with their own subcommand but not part of `bench all` (the quality study trains models: minutes, not seconds).
+STANDALONE = {"quality"}
 ALL_ORDER = ["data", "loss", "train", "decode"]
 
 
@@ -50,7 +52,7 @@ def all_suite_args(cuda: bool, cpu_threads: int = 1) -> dict[str, list[str]]:
 
 
 def _suites() -> dict[str, object]:
-    names = [m.name for m in pkgutil.iter_modules(bench_pkg.__path__) if not m.name.startswith("_") and m.name not in NOT_SUITES]
+    names = [m.name for m in pkgutil.iter_modules(bench_pkg.__path__) if not m.name.startswith("_") and m.name not in NOT_SUITES | STANDALONE]
     names.sort(key=lambda n: (ALL_ORDER.index(n) if n in ALL_ORDER else len(ALL_ORDER), n))
     return {n: importlib.import_module(f"pretrain.bench.{n}") for n in names}
 
@@ -66,7 +68,8 @@ def _add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
-    for name, module in _suites().items():
+    standalone = {n: importlib.import_module(f"pretrain.bench.{n}") for n in sorted(STANDALONE)}
+    for name, module in {**_suites(), **standalone}.items():
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)

@@ -165,12 +165,16 @@ class NearestNeighbourDecoder:
         gpu_id: int = 0,
         world_size: int = 1,
         search_batch: int = 16384,
+        hub_bias: np.ndarray | None = None,
+        rescore_candidates: int = 50,
     ) -> None:
         self.table = normalise_rows(table)
         if not np.isfinite(self.table).all():
             bad = int((~np.isfinite(self.table)).any(axis=1).sum())
             raise ValueError(f"target table has {bad} rows with NaN/inf values: rebuild it with `pretrain targets`")
         self.vocab_size, self.dim = self.table.shape
+        self.hub_bias = None if hub_bias is None else check_hub_bias(hub_bias, self.vocab_size)
+        self.rescore_candidates = rescore_candidates
         self.index_kind = index
         self.params = params
         self.search_batch = search_batch
@@ -191,7 +195,8 @@ class NearestNeighbourDecoder:
         return cls(table, index=eval_cfg.index, device=eval_cfg.device, params=params, gpu_id=gpu_id, world_size=world_size)
 
     def describe(self) -> dict:
-        return {"index": self.index_kind, "placement": self.placement, "vocab_size": self.vocab_size, "dim": self.dim}
+        return {"index": self.index_kind, "placement": self.placement, "vocab_size": self.vocab_size, "dim": self.dim,
+                "hub_aware": self.hub_bias is not None}
 
     def search(self, predictions: torch.Tensor | np.ndarray, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """Cosine scores (float32) and token ids (int64) of the k nearest rows, best first, [N, k] each."""
@@ -206,11 +211,15 @@ class NearestNeighbourDecoder:
         if not np.isfinite(queries).all():
             bad = int((~np.isfinite(queries)).any(axis=1).sum())
             raise ValueError(f"{bad} of {len(queries)} predicted vectors contain NaN/inf: the model has diverged")
-        scores = np.empty((len(queries), k), dtype=np.float32)
-        ids = np.empty((len(queries), k), dtype=np.int64)
+        # Hub-aware decoding re-ranks a wider candidate list; the search itself is unchanged.
+        width = k if self.hub_bias is None else min(max(k, self.rescore_candidates), self.vocab_size)
+        scores = np.empty((len(queries), width), dtype=np.float32)
+        ids = np.empty((len(queries), width), dtype=np.int64)
         for start in range(0, len(queries), self.search_batch):
             stop = start + self.search_batch
-            scores[start:stop], ids[start:stop] = self.index.search(queries[start:stop], k)
+            scores[start:stop], ids[start:stop] = self.index.search(queries[start:stop], width)
+        if self.hub_bias is not None:
+            scores, ids = rescore(scores, ids, self.hub_bias, k)
         return torch.from_numpy(scores), torch.from_numpy(ids)
 
     def recall_against_exact(self, predictions: torch.Tensor | np.ndarray, k: int = 5) -> dict[str, float]:
@@ -244,3 +253,47 @@ def torch_topk(table_unit: torch.Tensor, predictions: torch.Tensor, k: int, chun
         scores.append(top.values)
         ids.append(top.indices)
     return torch.cat(scores), torch.cat(ids)
+
+
+# Hub-aware decoding --------------------------------------------------------------------------------
+# A few table rows ("hubs", e.g. the most frequent piece) are the nearest neighbour of very many
+# predictions. Both corrections below re-rank the exact top-`rescore_candidates` by
+# cos(q, t) - bias[t], so they cost a gather and a sort of [N, candidates] on top of the search.
+
+def check_hub_bias(bias: np.ndarray | torch.Tensor, vocab_size: int) -> np.ndarray:
+    bias = np.asarray(bias.detach().cpu() if isinstance(bias, torch.Tensor) else bias, dtype=np.float32)
+    if bias.shape != (vocab_size,):
+        raise ValueError(f"hub bias has shape {bias.shape}, expected one value per table row ({vocab_size},): "
+                         "fit it on this target table (csls_bias / frequency_prior_bias)")
+    if not np.isfinite(bias).all():
+        raise ValueError("hub bias contains NaN/inf: give every piece a non-zero count (frequency_prior_bias smooths with +1)")
+    return bias
+
+
+def rescore(scores: np.ndarray, ids: np.ndarray, bias: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each candidate list [N, C] by score - bias[id], best first."""
+    adjusted = scores - bias[np.clip(ids, 0, None)]
+    adjusted[ids < 0] = -np.inf  # FAISS pads short lists with id -1
+    order = np.argsort(-adjusted, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(adjusted, order, 1).astype(np.float32), np.take_along_axis(ids, order, 1)
+
+
+def csls_bias(table: torch.Tensor | np.ndarray, predictions: torch.Tensor | np.ndarray, k: int = 10) -> np.ndarray:
+    """CSLS local scaling (Conneau et al. 2018): r(t) = mean cosine of row t to its k nearest
+    predictions; score 2·cos(q,t) − r(t) ranks like cos(q,t) − r(t)/2, so the bias is r/2.
+    Fit it once on held-out predictions (no labels needed) and keep it with the table."""
+    rows, queries = normalise_rows(table), normalise_rows(predictions)
+    k = min(k, len(queries))
+    if k < 1:
+        raise ValueError("csls_bias needs at least one predicted vector to measure the rows' hubness")
+    index = faiss.IndexFlatIP(queries.shape[1])
+    index.add(queries)
+    nearest, _ = index.search(rows, k)
+    return (nearest.mean(axis=1) / 2).astype(np.float32)
+
+
+def frequency_prior_bias(counts: torch.Tensor | np.ndarray, beta: float) -> np.ndarray:
+    """Frequency prior score = cos + beta·log p(t), as a bias −beta·log p(t) (add-one smoothed counts).
+    beta < 0 pushes predictions away from frequent pieces (an anti-hub prior); beta > 0 towards them."""
+    counts = np.asarray(counts, dtype=np.float64) + 1.0
+    return (-beta * np.log(counts / counts.sum())).astype(np.float32)

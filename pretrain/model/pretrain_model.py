@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.encoder import Encoder, doc_ids_from_padding
-from pretrain.model.heads import ContinuousHead, SoftmaxHead
+from pretrain.model.heads import AdaptiveSoftmaxHead, ContinuousHead, SoftmaxHead
 from pretrain.model.objectives import IGNORE_INDEX, Objective
 from pretrain.model.windows import mean_over_tokens, mean_over_windows, window_batch, window_starts
 from pretrain_kernels import continuous_loss, fused_linear_continuous_loss, loss_params
@@ -120,7 +120,10 @@ class PretrainModel(nn.Module):
             return self.loss_from_outputs(self.head(hidden), labels)
         # Softmax: V logits only at target positions (the gather's .nonzero() syncs with the host).
         rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        return self.loss_from_outputs(self.head(hidden[rows]), labels[rows])
+        hidden = hidden[rows]
+        if isinstance(self.head, AdaptiveSoftmaxHead):  # its own loss: never the full V logits in training
+            return self.head.loss(hidden, labels[rows])
+        return self.loss_from_outputs(self.head(hidden), labels[rows])
 
     def loss_table(self) -> torch.Tensor:
         if self.learned_targets is not None:

@@ -1,0 +1,649 @@
+"""`pretrain bench quality`: is the continuous head as good as softmax? Measured so that it can be trusted.
+
+For each corpus: one prepared dataset (tokenizer, shards) and one encoder configuration; every head
+variant (softmax, adaptive softmax, continuous with several losses, fixed trained vs learned targets,
+other target tables) is trained in this process with the same loop, data order and seed:
+
+  equal tokens:     every variant trains --steps steps;
+  equal wall-clock: every variant trains for the process CPU time softmax needed for --steps steps
+                    (steps = --steps x softmax's CPU time / the variant's, each its own run with its
+                    own learning-rate schedule; process CPU time is steady on a shared machine).
+
+All of them are scored on the SAME masked positions of the WHOLE validation split (the masks are
+seeded per sequence, pretrain.evaluation.evaluate.corrupt_per_sequence; the study checks that the
+targets are identical): top-1, top-5, a paired bootstrap 95% interval of the top-1 and top-5
+difference to softmax, accuracy per frequency bucket (the 1% most frequent pieces, the next 9%, the
+rest), accuracy without the most frequent piece, how often that piece is predicted vs its true share,
+and the number of distinct pieces predicted. Continuous variants are also decoded hub-aware (CSLS
+local scaling fitted on training-batch predictions, and an anti-frequency prior), at no extra search.
+
+Downstream (the first corpus, with the shipped labelled task): each variant's encoder fine-tuned with
+scarce and all labels over several seeds, against two controls: the same architecture from random
+weights, and from random weights with the input embeddings set from the target table (no pretraining).
+
+Writes --out (JSON), quality.md and PNG plots next to it; --track logs them to MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain.config import REPO_ROOT, load_config
+
+HELP = "quality study: every head variant at equal tokens and equal CPU time, scored on the same masked positions"
+DESCRIPTION = __doc__
+log = logging.getLogger(__name__)
+
+PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources"  # Debian python3.11-doc (PSF license): `make system-deps`
+DEFAULT_CORPORA = [f"wordnet={REPO_ROOT / 'data' / 'corpus'}", f"python-docs={PYTHON_DOCS}"]
+# name -> config overrides; "adaptive" marks the adaptive-softmax head (a softmax config underneath).
+VARIANTS = {
+    "softmax": ["model.head=softmax"],
+    "adaptive_softmax": ["model.head=softmax", "adaptive"],
+    "cosine": ["model.head=continuous", "loss.name=cosine"],
+    "vmf_practice": ["model.head=continuous", "loss.name=vmf_practice"],
+    "syn_margin": ["model.head=continuous", "loss.name=syn_margin_orth"],
+    "learned_vmf": ["model.head=continuous", "loss.name=vmf_practice", "targets.learned=true"],
+}
+SMALL = {"bytes": 300_000, "steps": 6, "overrides": ["tokenizer.vocab_size=500", "targets.epochs=1", "model.d_model=32",
+                                                        "model.d_ff=64", "model.n_layers=1", "targets.dim=16",
+                                                        "train.micro_batch_size=8", "train.warmup_steps=2",
+                                                        "finetune.epochs=1", "finetune.max_train_examples=40"]}
+BUCKETS = (("top 1%", 0.01), ("next 9%", 0.10), ("rest", 1.0))  # by piece frequency rank in the train split
+BOOTSTRAP = 1000
+# Frequency prior of hub-aware decoding: score = cos + beta·log p; beta < 0 pushes away from frequent pieces
+# (-0.05 already overwhelmed the cosines in the --small run: every prediction became a rare piece).
+PRIOR_BETA = -0.01
+MARKDOWN = "quality.md"
+PLOTS = {"time": "quality_top1_vs_cpu_time.png", "buckets": "quality_top1_per_frequency_bucket.png"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML config (default configs/tiny.yaml): encoder, tokenizer, targets, train lr")
+    parser.add_argument("--corpus", action="append", default=None, metavar="NAME=PATH[:line|:blank_line]",
+                        help="a corpus (file, directory or glob); ':blank_line' makes paragraphs the documents, ':line' "
+                             "every line (the default except for the Python docs); repeatable "
+                             f"(default: {' and '.join(c.split('=')[0] for c in DEFAULT_CORPORA)})")
+    parser.add_argument("--variant", action="append", default=None, metavar="NAME[=KEY=VALUE,...]",
+                        help=f"a head variant: one of {', '.join(VARIANTS)}, or NAME=overrides for a new one, e.g. "
+                             "'vmf_d128=model.head=continuous,loss.name=vmf_practice,targets.dim=128' (default: all built-ins)")
+    parser.add_argument("--steps", type=int, default=None, help="equal-token budget in optimizer steps (default train.steps; --small: 6)")
+    parser.add_argument("--max-time-factor", type=float, default=4.0, help="equal-time runs take at most this many times --steps")
+    parser.add_argument("--small", action="store_true", help="CI size: 300 kB of each corpus, a tiny encoder, a few steps")
+    parser.add_argument("--corpus-bytes", type=int, default=0, help="use only the first N bytes of each corpus (0: all; --small: 300 kB)")
+    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per encoder and label budget")
+    parser.add_argument("--scarce-per-class", type=int, default=20, help="labels per class of the scarce fine-tuning setting")
+    parser.add_argument("--many-per-class", type=int, default=0, help="labels per class of the larger setting (0: all labels)")
+    parser.add_argument("--downstream", default="best", help="'best' (softmax, adaptive softmax, the best continuous variant), "
+                        "'all', 'none', or comma-separated variant names")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is compute time on a shared machine)")
+    parser.add_argument("--workdir", default="runs/bench-quality", help="prepared data, tables and fine-tuning runs")
+    parser.add_argument("--out", default="bench/quality.json", help="JSON; quality.md and the plots go in its folder")
+    parser.add_argument("--track", action="store_true", help="log the results, table and plots to MLflow")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: a local SQLite store in --store-dir)")
+    parser.add_argument("--store-dir", default="bench/mlruns")
+    parser.add_argument("--experiment", default="pretrain-bench")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every variant")
+
+
+# Inputs ------------------------------------------------------------------------------------------
+
+def parse_variants(specs: list[str] | None) -> dict[str, list[str]]:
+    if not specs:
+        return dict(VARIANTS)
+    chosen = {}
+    for spec in specs:
+        name, _, overrides = spec.partition("=")
+        if overrides:
+            chosen[name] = overrides.split(",")
+        elif name in VARIANTS:
+            chosen[name] = VARIANTS[name]
+        else:
+            raise ValueError(f"--variant {spec!r}: not a built-in ({', '.join(VARIANTS)}); give NAME=KEY=VALUE,... for a new one")
+    if "softmax" not in chosen:
+        raise ValueError("--variant: softmax is the reference every difference is measured against; include it")
+    return chosen
+
+
+@dataclass
+class Corpus:
+    name: str
+    paths: list[str]
+    doc_separator: str
+
+
+def parse_corpora(specs: list[str] | None) -> list[Corpus]:
+    corpora = []
+    for spec in specs or DEFAULT_CORPORA:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--corpus {spec!r}: expected NAME=PATH (file, directory or glob)")
+        # reST/markdown/prose is hard-wrapped: a paragraph (blank-line separated) is the document there.
+        separator = "blank_line" if path == PYTHON_DOCS else "line"
+        for choice in ("line", "blank_line"):
+            if path.endswith(f":{choice}"):
+                path, separator = path[: -len(choice) - 1], choice
+        if not any(Path(p).exists() for p in [path]) and "*" not in path:
+            hint = " (Debian package python3.11-doc: `make system-deps`)" if path == PYTHON_DOCS else ""
+            raise FileNotFoundError(f"--corpus {name}: {path} not found{hint}; pass --corpus NAME=PATH for another corpus")
+        corpora.append(Corpus(name, [path], separator))
+    return corpora
+
+
+def _read_text(path: Path) -> bytes:
+    raw = path.read_bytes()
+    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+
+
+def truncated_corpus(corpus: Corpus, max_bytes: int, out_dir: Path) -> list[str]:
+    """The first max_bytes of the corpus (files in sorted order, whole lines) as one file in out_dir."""
+    from pretrain.data.corpus import resolve_corpus_files
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out, chunks, size = out_dir / f"{corpus.name}.txt", [], 0
+    for path in resolve_corpus_files(corpus.paths):
+        text = _read_text(path)
+        take = text[: max_bytes - size]
+        chunks.append(take[: take.rfind(b"\n") + 1] if len(take) < len(text) else take)
+        size += len(chunks[-1])
+        if size >= max_bytes - 1:
+            break
+    out.write_bytes(b"\n\n".join(chunks))
+    return [str(out)]
+
+
+def _stamped(stamp_file: Path, key: dict, build) -> None:
+    """Run build() unless stamp_file records the same key (a rerun reuses prepared data and tables)."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    if stamp_file.is_file() and stamp_file.read_text() == text:
+        return
+    stamp_file.unlink(missing_ok=True)
+    build()
+    stamp_file.write_text(text)
+
+
+def prepare_corpus(base_cfg, corpus: Corpus, workdir: Path, max_bytes: int):
+    """The corpus' config (data prepared, counts of pieces in the train split)."""
+    from pretrain.data.prepare import prepare_dataset
+    from pretrain.data.stream import iter_samples
+
+    root = workdir / corpus.name
+    paths = truncated_corpus(corpus, max_bytes, root / "corpus") if max_bytes else corpus.paths
+    cfg = base_cfg.model_copy(deep=True)
+    cfg.workdir = str(root)
+    cfg.data.corpus = paths
+    cfg.data.doc_separator = corpus.doc_separator
+    cfg.data.dir = None
+    cfg.targets.path = None
+    key = {"data": cfg.data.model_dump(mode="json"), "tokenizer": cfg.tokenizer.model_dump(mode="json"), "bytes": max_bytes}
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    _stamped(cfg.data_dir / "quality-stamp.json", key, lambda: prepare_dataset(cfg, progress=False))
+    manifest = json.loads((cfg.data_dir / "manifest.json").read_text())
+    counts = np.zeros(manifest["vocab_size"], dtype=np.int64)
+    for tokens in iter_samples(cfg.data_dir, "train"):
+        counts += np.bincount(tokens, minlength=len(counts))
+    for special in manifest["special_ids"].values():
+        counts[special] = 0  # pad/bos/mask are never targets
+    return cfg, counts, manifest
+
+
+def target_table(cfg) -> torch.Tensor:
+    """The table for cfg.targets (built once per distinct targets section of this corpus)."""
+    from pretrain.data.manifest import manifest_sha256
+    from pretrain.targets.build import build_targets
+    from pretrain.targets.table import load_target_table
+
+    section = cfg.targets.model_dump(mode="json")
+    table_key = {k: v for k, v in section.items() if not k.startswith(("learned", "contrastive", "vicreg", "ema"))}
+    digest = _digest(table_key)
+    cfg.targets.path = str(Path(cfg.workdir) / "targets" / digest / "targets.safetensors")
+    Path(cfg.targets.path).parent.mkdir(parents=True, exist_ok=True)
+    # Keyed by the prepared data's manifest too: re-prepared data (another tokenizer) needs a new table.
+    _stamped(Path(cfg.targets.path).parent / "quality-stamp.json", {**table_key, "data": manifest_sha256(cfg.data_dir)},
+             lambda: build_targets(cfg, progress=False))
+    tokenizer_sha = json.loads((Path(cfg.data_dir) / "manifest.json").read_text())["tokenizer_sha256"]
+    return load_target_table(cfg.targets.path, tokenizer_sha256=tokenizer_sha)[0]
+
+
+def _digest(value: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Training ----------------------------------------------------------------------------------------
+
+def variant_config(corpus_cfg, overrides: list[str]):
+    from pretrain.config import config_from_dict
+
+    raw = copy.deepcopy(corpus_cfg.to_dict())
+    for item in overrides:
+        if item == "adaptive":
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"variant override {item!r}: expected KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = json.loads(value) if value in ("true", "false") or _is_number(value) else value
+    return config_from_dict(raw, source="pretrain bench quality --variant")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def build_variant(cfg, overrides: list[str], vocab_size: int, table: torch.Tensor, counts: np.ndarray, special_ids: dict):
+    from pretrain.model import build_model
+    from pretrain.model.heads import AdaptiveSoftmaxHead
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, vocab_size, table, special_ids=special_ids)
+    if "adaptive" in overrides:
+        model.head = AdaptiveSoftmaxHead(cfg.model.d_model, torch.from_numpy(counts))
+    return model
+
+
+def train(model, cfg, steps: int) -> dict:
+    """Plain single-process training (AdamW, the config's warm-up + cosine lr and clipping): the same
+    loop, data order and masks for every variant. Returns the process CPU seconds of the steps."""
+    from pretrain.data.stream import build_loader
+    from pretrain.engine.schedule import lr_at, set_lr
+    from pretrain.model import batch_generator
+
+    tc = cfg.train
+    loader = build_loader(cfg.data_dir, "train", batch_size=tc.micro_batch_size, rank=0, world_size=1, num_workers=0,
+                          seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+    optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay, tc.lr), lr=tc.lr)
+    model.train()
+    batches = iter(loader)
+    losses = []
+    start = time.process_time()
+    for step in range(1, steps + 1):
+        set_lr(optimizer, lr_at(step, base_lr=tc.lr, warmup_steps=min(tc.warmup_steps, steps // 2), total_steps=steps,
+                                min_lr_ratio=tc.min_lr_ratio))
+        batch = model.objective(next(batches), batch_generator(tc.seed, step, 0, 0))
+        loss = model(batch)["loss"]
+        if not torch.isfinite(loss):
+            raise ValueError(f"loss became {loss.item()} at step {step}: lower train.lr (now {tc.lr}) for this variant")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        model.after_optimizer_step()
+        losses.append(loss.item())
+    cpu = time.process_time() - start
+    model.eval()
+    return {"steps": steps, "cpu_s": round(cpu, 3), "final_loss": round(float(np.mean(losses[-max(1, steps // 10):])), 4)}
+
+
+# Scoring -----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def head_outputs(model, cfg, split: str, max_batches: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head outputs and target ids at the masked positions of the whole split (eval.seed masks)."""
+    from pretrain.data.stream import build_loader
+    from pretrain.evaluation.evaluate import corrupt_per_sequence
+    from pretrain.model import IGNORE_INDEX
+
+    loader = build_loader(cfg.data_dir, split, batch_size=cfg.eval.batch_size, rank=0, world_size=1, num_workers=0,
+                          seed=cfg.data.seed, epochs=1)
+    outputs, targets = [], []
+    for n, raw in enumerate(loader):
+        if max_batches and n >= max_batches:
+            break
+        batch = corrupt_per_sequence(model.objective, raw, cfg.eval.seed)
+        hidden = model.encode(batch["input_ids"], batch["doc_ids"])
+        labels = batch["labels"].reshape(-1)
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        out = hidden.reshape(-1, hidden.shape[-1])[rows]
+        outputs.append(model.head(out).float())
+        targets.append(labels[rows])
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def decodings(model, cfg, counts: np.ndarray, outputs: torch.Tensor, beta: float = PRIOR_BETA) -> dict[str, torch.Tensor]:
+    """Top-5 ids per decoding: argmax (softmax heads), or nearest neighbour plain / CSLS / frequency prior."""
+    from pretrain.evaluation.decoder import NearestNeighbourDecoder, csls_bias, frequency_prior_bias
+
+    if not model.continuous:
+        return {"": outputs.topk(5, dim=-1).indices}
+    table = model.target_table
+    fit_on, _ = head_outputs(model, cfg, "train", max_batches=20)  # no labels used: only the predictions' geometry
+    biases = {"": None, "+csls": csls_bias(table, fit_on), "+prior": frequency_prior_bias(counts, beta)}
+    out = {}
+    for suffix, bias in biases.items():
+        decoder = NearestNeighbourDecoder(table, device="cpu", hub_bias=bias)
+        start = time.process_time()
+        out[suffix] = decoder.search(outputs, 5)[1]
+        log.info("decode%s: %.2f s CPU for %d vectors", suffix or " (plain)", time.process_time() - start, len(outputs))
+    return out
+
+
+def bucket_of_ids(counts: np.ndarray) -> np.ndarray:
+    """Frequency bucket index per piece id: 0 = the 1% most frequent pieces, 1 = the next 9%, 2 = the rest."""
+    order = np.argsort(-counts, kind="stable")
+    bucket = np.empty(len(counts), dtype=np.int64)
+    start = 0
+    for b, (_, share) in enumerate(BUCKETS):
+        stop = max(start + 1, int(round(share * len(counts)))) if b < len(BUCKETS) - 1 else len(counts)
+        bucket[order[start:stop]] = b
+        start = stop
+    return bucket
+
+
+def score(top5: torch.Tensor, targets: torch.Tensor, counts: np.ndarray) -> dict:
+    """Accuracy figures of one variant's top-5 ids [N, 5] against targets [N]."""
+    top5, targets = top5.numpy(), targets.numpy()
+    hits1 = top5[:, 0] == targets
+    frequent = int(np.argmax(counts))
+    bucket = bucket_of_ids(counts)[targets]
+    others = targets != frequent
+    return {
+        "positions": int(len(targets)),
+        "top1": float(hits1.mean()),
+        "top5": float((top5 == targets[:, None]).any(1).mean()),
+        "top1_by_bucket": {name: (float(hits1[bucket == b].mean()) if (bucket == b).any() else None) for b, (name, _) in enumerate(BUCKETS)},
+        "top1_without_most_frequent": float(hits1[others].mean()) if others.any() else None,
+        "most_frequent_predicted_share": float((top5[:, 0] == frequent).mean()),
+        "most_frequent_true_share": float((~others).mean()),
+        "distinct_predicted": int(len(np.unique(top5[:, 0]))),
+    }
+
+
+def paired_bootstrap(hits: np.ndarray, reference: np.ndarray, seed: int = 0, rounds: int = BOOTSTRAP) -> dict:
+    """Mean difference of two per-position 0/1 hit vectors and its 95% percentile interval, resampling
+    positions with replacement (both variants on the same resampled positions: paired)."""
+    diff = hits.astype(np.float64) - reference.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(rounds)])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"diff": float(diff.mean()), "ci95": [float(low), float(high)]}
+
+
+def compare_to_softmax(rows: dict[str, dict], hits: dict[str, dict[str, np.ndarray]]) -> None:
+    for name, row in rows.items():
+        if name == "softmax":
+            continue
+        row["vs_softmax"] = {k: paired_bootstrap(hits[name][k], hits["softmax"][k]) for k in ("top1", "top5")}
+
+
+# Downstream --------------------------------------------------------------------------------------
+
+def export_encoder(model, cfg, out_dir: Path, table_path: str) -> Path:
+    """The encoder as a `pretrain export` directory (a softmax model carries it: the head is unused)."""
+    from pretrain.data.manifest import load_manifest
+    from pretrain.downstream.export import TOKENIZER_FILE, write_export
+    carrier_cfg = cfg.model_copy(deep=True)
+    carrier_cfg.model.head = "softmax"
+    carrier_cfg.model.tie_softmax = False
+    carrier_cfg.targets.learned = False
+    manifest = load_manifest(cfg.data_dir)
+    carrier = _carrier(carrier_cfg, manifest)
+    carrier.encoder.load_state_dict(model.encoder.state_dict())
+    return write_export(out_dir, state_dict=carrier.state_dict(), config=carrier_cfg.to_dict(), vocab_size=manifest["vocab_size"],
+                        tokenizer_path=cfg.data_dir / TOKENIZER_FILE, targets_path=table_path,
+                        extra={"special_ids": manifest["special_ids"]})
+
+
+def _carrier(cfg, manifest):
+    from pretrain.model import build_model
+
+    build = cfg.model_copy(deep=True)
+    build.model.init_embeddings_from_targets = False  # the weights are replaced anyway
+    return build_model(build, manifest["vocab_size"], special_ids=manifest["special_ids"])
+
+
+def downstream(encoders: dict[str, Path], cfg, workdir: Path, seeds: int, scarce_per_class: int, many_per_class: int = 0) -> dict:
+    """Fine-tuning accuracy (mean, spread = max - min over seeds) per encoder and label budget;
+    'random init' is the first encoder's architecture from random weights (finetune --from-scratch)."""
+    from pretrain.downstream.classify import read_labelled
+    from pretrain.downstream.finetune import finetune
+    from pretrain.downstream.classify import label_vocabulary
+    from pretrain.config import resolve_shipped_path
+
+    ft_cfg = cfg.model_copy(deep=True)
+    ft_cfg.tracking.enabled = False
+    train_rows = read_labelled(resolve_shipped_path(ft_cfg.finetune.train_file), ft_cfg.finetune.text_field, ft_cfg.finetune.label_field)
+    classes = len(label_vocabulary(train_rows))
+    budgets = {f"{scarce_per_class} per class": scarce_per_class * classes,
+               f"{many_per_class} per class" if many_per_class else "all labels": many_per_class * classes}
+    first = next(iter(encoders.values()))
+    runs = {**{name: (path, False) for name, path in encoders.items()}, "control: random init": (first, True)}
+    results = {}
+    for name, (init_dir, scratch) in runs.items():
+        results[name] = {}
+        for budget, rows in budgets.items():
+            accs = []
+            for seed in range(seeds):
+                ft_cfg.finetune.seed = seed
+                ft_cfg.finetune.max_train_examples = rows
+                report = finetune(ft_cfg, init_dir, workdir / "finetune" / _slug(name) / _slug(budget) / str(seed), from_scratch=scratch)
+                accs.append(report["accuracy"])
+            results[name][budget] = {"mean": float(np.mean(accs)), "spread": float(np.max(accs) - np.min(accs)), "accuracies": accs}
+    return results
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+# The study ---------------------------------------------------------------------------------------
+
+def run_corpus(corpus: Corpus, base_cfg, variants: dict[str, list[str]], args, steps: int, max_bytes: int) -> dict:
+    cfg, counts, manifest = prepare_corpus(base_cfg, corpus, Path(args.workdir), max_bytes)
+    vocab, special = manifest["vocab_size"], manifest["special_ids"]
+    log.info("quality: corpus %s, %d train tokens, V=%d", corpus.name, int(counts.sum()), vocab)
+    budgets = {"equal_tokens": {}, "equal_time": {}}
+    hits: dict[str, dict[str, dict[str, np.ndarray]]] = {"equal_tokens": {}, "equal_time": {}}
+    reference_targets = None
+    kept_models = {}
+    softmax_cpu = None
+    ordered = ["softmax", *[v for v in variants if v != "softmax"]]
+    for name in ordered:
+        vcfg = variant_config(cfg, variants[name])
+        table = target_table(vcfg)
+        runs = {}
+        model = build_variant(vcfg, variants[name], vocab, table, counts, special)
+        runs["equal_tokens"] = (model, train(model, vcfg, steps))
+        if softmax_cpu is None:
+            softmax_cpu = runs["equal_tokens"][1]["cpu_s"]
+        time_steps = int(round(steps * softmax_cpu / max(runs["equal_tokens"][1]["cpu_s"], 1e-9)))
+        time_steps = max(1, min(time_steps, int(args.max_time_factor * steps)))
+        if abs(time_steps - steps) <= 0.05 * steps:
+            runs["equal_time"] = runs["equal_tokens"]
+        else:
+            model = build_variant(vcfg, variants[name], vocab, table, counts, special)
+            runs["equal_time"] = (model, train(model, vcfg, time_steps))
+        for budget, (model, training) in runs.items():
+            log.info("quality: %s %s: %s", corpus.name, name, training)
+            outputs, targets = head_outputs(model, vcfg, "valid")
+            if reference_targets is None:
+                reference_targets = targets
+            elif not torch.equal(targets, reference_targets):
+                raise RuntimeError(f"{name}: the validation targets differ from softmax's; the masks must be identical")
+            for suffix, top5 in decodings(model, vcfg, counts, outputs).items():
+                row = {"variant": name + suffix, "base_variant": name, "decoding": suffix.strip("+") or ("argmax" if not model.continuous else "nearest"),
+                       "overrides": variants[name], "training": training, **score(top5, targets, counts)}
+                budgets[budget][name + suffix] = row
+                hits[budget][name + suffix] = {"top1": (top5[:, 0] == targets).numpy(),
+                                               "top5": (top5 == targets[:, None]).any(1).numpy()}
+            if budget == "equal_time":
+                kept_models[name] = (model, vcfg)
+    for budget in budgets:
+        compare_to_softmax(budgets[budget], hits[budget])
+    result = {"corpus": corpus.name, "paths": corpus.paths, "doc_separator": corpus.doc_separator, "vocab_size": vocab,
+              "train_tokens": int(counts.sum()), "valid_positions": int(len(reference_targets)), "steps": steps,
+              "softmax_cpu_s": softmax_cpu, "most_frequent_piece": _piece(cfg, int(np.argmax(counts))), "budgets": budgets}
+    return result, kept_models, cfg
+
+
+def _piece(cfg, piece_id: int) -> str:
+    from pretrain.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.data_dir / "tokenizer.model").id_to_piece(piece_id)
+
+
+def downstream_choice(spec: str, equal_time: dict) -> list[str]:
+    base = {row["base_variant"] for row in equal_time.values()}
+    if spec == "none":
+        return []
+    if spec == "all":
+        return sorted(base)
+    if spec == "best":
+        continuous = [r for r in equal_time.values() if r["base_variant"] not in ("softmax", "adaptive_softmax") and r["decoding"] == "nearest"]
+        best = max(continuous, key=lambda r: r["top1"])["base_variant"] if continuous else None
+        return [v for v in ("softmax", "adaptive_softmax", best) if v in base]
+    chosen = [v.strip() for v in spec.split(",") if v.strip()]
+    unknown = sorted(set(chosen) - base)
+    if unknown:
+        raise ValueError(f"--downstream: unknown variants {unknown}; trained: {sorted(base)}")
+    return chosen
+
+
+def run(args: argparse.Namespace) -> dict:
+    from pretrain.bench import report
+
+    torch.set_num_threads(max(1, args.threads))
+    variants = parse_variants(args.variant)
+    corpora = parse_corpora(args.corpus)
+    overrides = [*(SMALL["overrides"] if args.small else []), *args.overrides]
+    base_cfg = load_config(args.config, overrides)
+    steps = args.steps or (SMALL["steps"] if args.small else base_cfg.train.steps)
+    max_bytes = args.corpus_bytes or (SMALL["bytes"] if args.small else 0)
+    seeds = args.seeds if not args.small or args.seeds != 3 else 1
+    started = time.perf_counter()
+    results = {"suite": "quality", "hardware": report.hardware_info(), "small": args.small, "steps": steps,
+               "torch_threads": torch.get_num_threads(), "overrides": overrides,
+               "model": {k: getattr(base_cfg.model, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")},
+               "corpora": {}}
+    for n, corpus in enumerate(corpora):
+        result, models, cfg = run_corpus(corpus, base_cfg, variants, args, steps, max_bytes)
+        if n == 0 and args.downstream != "none":
+            chosen = downstream_choice(args.downstream, result["budgets"]["equal_time"])
+            root = Path(args.workdir) / corpus.name / "exports"
+            encoders = {v: export_encoder(models[v][0], models[v][1], root / v, models[v][1].targets.path) for v in chosen}
+            # Control 2: random weights, input embeddings from the (first fixed) target table, no training.
+            table_cfg = variant_config(cfg, VARIANTS["vmf_practice"])
+            table_cfg.model.init_embeddings_from_targets = True
+            untrained = build_variant(table_cfg, [], result["vocab_size"], target_table(table_cfg), None, None)
+            encoders["control: table embeddings, no pretraining"] = export_encoder(untrained, table_cfg, root / "table-init", table_cfg.targets.path)
+            result["downstream"] = {"task": str(cfg.finetune.train_file), "seeds": seeds, "epochs": cfg.finetune.epochs,
+                                    "results": downstream(encoders, cfg, Path(args.workdir) / corpus.name, seeds, args.scarce_per_class,
+                                                           args.many_per_class)}
+        results["corpora"][corpus.name] = result
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    write_outputs(results, Path(args.out), args)
+    return results
+
+
+# Report ------------------------------------------------------------------------------------------
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _ci(vs: dict | None) -> str:
+    if not vs:
+        return "(reference)"
+    return f"{100 * vs['diff']:+.1f} [{100 * vs['ci95'][0]:+.1f}, {100 * vs['ci95'][1]:+.1f}]"
+
+
+def markdown(results: dict) -> str:
+    from pretrain.bench.report import hardware_line
+
+    lines = ["# `pretrain bench quality`", "",
+             f"Hardware: {hardware_line(results['hardware'])}; torch threads {results['torch_threads']}. "
+             f"Encoder {results['model']}; {results['steps']} steps = the equal-token budget; equal time = softmax's process CPU time "
+             "for those steps. Top-1/top-5 in %, on every masked position of the whole validation split (identical for all "
+             "variants); Δ vs softmax with a paired bootstrap 95% interval (points)."]
+    for name, corpus in results["corpora"].items():
+        lines += ["", f"## Corpus: {name} ({corpus['train_tokens']:,} train tokens, V={corpus['vocab_size']}, "
+                      f"{corpus['valid_positions']:,} scored positions, documents split by {corpus['doc_separator']})", ""]
+        for budget, rows in corpus["budgets"].items():
+            lines += [f"### {budget.replace('_', ' ')}", "",
+                      "| variant | steps | CPU s | top-1 | Δ top-1 vs softmax [95% CI] | top-5 | Δ top-5 [95% CI] | "
+                      "top 1% / next 9% / rest | top-1 w/o most frequent | predicted / true share of "
+                      f"`{corpus['most_frequent_piece']}` | distinct predicted |",
+                      "|---|---:|---:|---:|---|---:|---|---|---:|---|---:|"]
+            for row in rows.values():
+                vs = row.get("vs_softmax", {})
+                buckets = " / ".join(_pct(v) for v in row["top1_by_bucket"].values())
+                lines.append(f"| {row['variant']} | {row['training']['steps']} | {row['training']['cpu_s']:.1f} | {_pct(row['top1'])} | "
+                             f"{_ci(vs.get('top1'))} | {_pct(row['top5'])} | {_ci(vs.get('top5'))} | {buckets} | "
+                             f"{_pct(row['top1_without_most_frequent'])} | {_pct(row['most_frequent_predicted_share'])} / "
+                             f"{_pct(row['most_frequent_true_share'])} | {row['distinct_predicted']} |")
+            lines.append("")
+        if "downstream" in corpus:
+            ds = corpus["downstream"]
+            budgets = list(next(iter(ds["results"].values())))
+            lines += [f"### Downstream: fine-tuned on {ds['task']} ({ds['seeds']} seeds, {ds['epochs']} epochs; accuracy mean ± spread)", "",
+                      "| encoder | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
+            for enc, by_budget in ds["results"].items():
+                lines.append(f"| {enc} | " + " | ".join(f"{100 * by_budget[b]['mean']:.1f} ± {100 * by_budget[b]['spread']:.1f}" for b in budgets) + " |")
+    lines += ["", f"Study time {results['seconds']} s."]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(results: dict, out_dir: Path) -> list[Path]:
+    from matplotlib.figure import Figure
+
+    corpora = results["corpora"]
+    fig = Figure(figsize=(6 * len(corpora), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(corpora), squeeze=False)[0]
+    for ax, (name, corpus) in zip(axes, corpora.items()):
+        for variant in corpus["budgets"]["equal_tokens"]:
+            points = [(corpus["budgets"][b][variant]["training"]["cpu_s"], 100 * corpus["budgets"][b][variant]["top1"]) for b in ("equal_tokens", "equal_time")]
+            ax.plot(*zip(*points), marker="o" if "softmax" in variant else "^", label=variant)
+        ax.axvline(corpus["softmax_cpu_s"], color="grey", linewidth=0.8, linestyle=":")
+        ax.set(title=f"{name}: top-1 vs training CPU time", xlabel="process CPU seconds (equal tokens, equal time)", ylabel="top-1 %")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{results['hardware'].get('cpu', '')}", fontsize=8)
+    time_plot = out_dir / PLOTS["time"]
+    fig.savefig(time_plot, dpi=110)
+
+    fig = Figure(figsize=(6 * len(corpora), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(corpora), squeeze=False)[0]
+    for ax, (name, corpus) in zip(axes, corpora.items()):
+        rows = list(corpus["budgets"]["equal_time"].values())
+        width = 0.8 / max(len(rows), 1)
+        for i, row in enumerate(rows):
+            values = [100 * (v or 0) for v in row["top1_by_bucket"].values()]
+            ax.bar(np.arange(len(values)) + i * width, values, width, label=row["variant"])
+        ax.set_xticks(np.arange(len(BUCKETS)) + 0.4 - width / 2, [b for b, _ in BUCKETS])
+        ax.set(title=f"{name}: top-1 per frequency bucket (equal time)", ylabel="top-1 %")
+    axes[0].legend(fontsize=7)
+    bucket_plot = out_dir / PLOTS["buckets"]
+    fig.savefig(bucket_plot, dpi=110)
+    return [time_plot, bucket_plot]
+
+
+def write_outputs(results: dict, out: Path, args) -> list[Path]:
+    from pretrain.bench import report
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    (out.parent / MARKDOWN).write_text(markdown(results))
+    files = [out, out.parent / MARKDOWN, *write_plots(results, out.parent)]
+    if args.track:
+        run_id, _ = report.track({"hardware": results["hardware"], "suites": {"quality": results}}, files, args.store_dir,
+                                 tracking_uri=args.tracking_uri, experiment=args.experiment)
+        log.info("MLflow run %s", run_id)
+    return files

@@ -1,0 +1,126 @@
+"""`pretrain bench quality`: the study's parts (scores, bootstrap, buckets, adaptive head) and a --small run."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.bench import quality
+from pretrain.cli import main
+from pretrain.config import REPO_ROOT
+from pretrain.model.heads import AdaptiveSoftmaxHead, frequency_cutoffs
+
+
+# Parts -------------------------------------------------------------------------------------------
+
+def test_paired_bootstrap_interval_covers_the_difference_and_is_zero_for_identical_hits():
+    rng = np.random.default_rng(0)
+    reference = rng.random(2000) < 0.3
+    same = quality.paired_bootstrap(reference, reference)
+    assert same == {"diff": 0.0, "ci95": [0.0, 0.0]}
+    better = reference | (rng.random(2000) < 0.2)  # strictly more hits, on the same positions
+    result = quality.paired_bootstrap(better, reference)
+    assert result["diff"] == pytest.approx(better.mean() - reference.mean())
+    assert 0 < result["ci95"][0] <= result["diff"] <= result["ci95"][1]
+
+
+def test_buckets_are_the_top_1_percent_next_9_percent_and_rest_by_frequency():
+    counts = np.arange(1000)[::-1].copy()  # id 0 most frequent
+    bucket = quality.bucket_of_ids(counts)
+    assert (bucket[:10] == 0).all() and (bucket[10:100] == 1).all() and (bucket[100:] == 2).all()
+
+
+def test_score_counts_hub_predictions_against_the_true_share():
+    counts = np.array([0, 0, 0, 0, 0, 100, 50, 10, 1])  # piece 5 is the most frequent
+    targets = torch.tensor([5, 6, 7, 8])
+    top5 = torch.tensor([[5, 6, 7, 8, 0]] * 4)  # always predicts piece 5 first
+    s = quality.score(top5, targets, counts)
+    assert s["top1"] == 0.25 and s["top5"] == 1.0
+    assert s["most_frequent_predicted_share"] == 1.0 and s["most_frequent_true_share"] == 0.25
+    assert s["top1_without_most_frequent"] == 0.0 and s["distinct_predicted"] == 1
+
+
+def test_adaptive_head_log_probs_are_in_id_order_and_its_loss_is_their_nll():
+    torch.manual_seed(0)
+    counts = torch.tensor([0, 5, 100, 1, 50, 7, 3, 30, 2, 9, 60, 4])
+    head = AdaptiveSoftmaxHead(8, counts, cutoffs=[3, 7])
+    hidden, labels = torch.randn(20, 8), torch.randint(0, 12, (20,))
+    log_probs = head(hidden)
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(20))
+    # The loss on ids must be the NLL of forward() at those ids: wrong id<->rank mapping would break it.
+    nll = -log_probs.gather(1, labels[:, None]).mean()
+    torch.testing.assert_close(head.loss(hidden, labels)["loss"], nll)
+    # The most frequent id (2) sits in the head cluster: rank 0.
+    assert int(head.rank_of_id[2]) == 0
+
+
+def test_frequency_cutoffs_grow_and_stay_inside_the_vocabulary():
+    counts = torch.tensor([1000, 500, 200, 100, 50, 20, 10, 5, 2, 1])
+    cutoffs = frequency_cutoffs(counts)
+    assert cutoffs == sorted(set(cutoffs)) and 1 < cutoffs[0] and cutoffs[-1] < len(counts)
+
+
+def test_unknown_variant_and_missing_softmax_are_refused():
+    with pytest.raises(ValueError, match="not a built-in"):
+        quality.parse_variants(["softmax", "nonsense"])
+    with pytest.raises(ValueError, match="softmax is the reference"):
+        quality.parse_variants(["cosine"])
+    with pytest.raises(FileNotFoundError, match="--corpus NAME=PATH"):
+        quality.parse_corpora(["docs=/no/such/dir"])
+
+
+# The --small study ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
+    """Two corpora of different kinds (WordNet glosses by line; this repo's markdown docs by paragraph),
+    four variants, downstream with both controls, one seed."""
+    tmp = tmp_path_factory.mktemp("quality")
+    out = tmp / "bench" / "quality.json"
+    argv = ["bench", "quality", "--small", "--corpus", f"wordnet={REPO_ROOT / 'data' / 'corpus'}",
+            "--corpus", f"docs={REPO_ROOT / 'docs'}:blank_line", "--corpus-bytes", "150000",
+            "--variant", "softmax", "--variant", "adaptive_softmax", "--variant", "cosine", "--variant", "learned_vmf",
+            "--seeds", "1", "--workdir", str(tmp / "work"), "--out", str(out)]
+    assert main(argv) == 0
+    return json.loads(out.read_text()), out.parent
+
+
+def test_small_study_scores_every_variant_on_the_same_whole_validation_split(small_study):
+    results, _ = small_study
+    assert set(results["corpora"]) == {"wordnet", "docs"}
+    docs = results["corpora"]["docs"]
+    assert docs["doc_separator"] == "blank_line"
+    for corpus in results["corpora"].values():
+        for budget in ("equal_tokens", "equal_time"):
+            rows = corpus["budgets"][budget]
+            assert {"softmax", "adaptive_softmax", "cosine", "cosine+csls", "cosine+prior", "learned_vmf"} <= set(rows)
+            assert {r["positions"] for r in rows.values()} == {corpus["valid_positions"]}
+            for name, row in rows.items():
+                assert 0 <= row["top1"] <= row["top5"] <= 1
+                if name != "softmax":
+                    low, high = row["vs_softmax"]["top1"]["ci95"]
+                    assert low <= row["vs_softmax"]["top1"]["diff"] <= high
+        # Equal tokens: every variant took the same number of steps.
+        assert {r["training"]["steps"] for r in corpus["budgets"]["equal_tokens"].values()} == {results["steps"]}
+
+
+def test_small_study_fine_tunes_against_both_controls_and_writes_table_and_plots(small_study):
+    results, out_dir = small_study
+    ds = results["corpora"]["wordnet"]["downstream"]["results"]
+    assert {"softmax", "adaptive_softmax", "control: random init", "control: table embeddings, no pretraining"} <= set(ds)
+    for by_budget in ds.values():
+        assert set(by_budget) == {"20 per class", "all labels"}
+        assert all(0 <= b["mean"] <= 1 for b in by_budget.values())
+    table = (out_dir / quality.MARKDOWN).read_text()
+    assert "## Corpus: wordnet" in table and "## Corpus: docs" in table and "cosine+csls" in table
+    for plot in quality.PLOTS.values():
+        assert (out_dir / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prepared_data_and_tables_are_reused_only_for_the_same_key(tmp_path):
+    built = []
+    stamp = tmp_path / "stamp.json"
+    for key in ({"data": "a"}, {"data": "a"}, {"data": "b"}):  # "b": re-prepared data (another manifest)
+        quality._stamped(stamp, key, lambda: built.append(1))
+    assert len(built) == 2
