@@ -45,8 +45,8 @@ bench: install
 # the fused cross-entropy peers) are optional: a part that needs a missing one says so in the report.
 # CPU_SMOKE=1: every part on tiny shapes on the CPU (CI runs it via tests/test_gpu_check.py).
 gpu-check: install
-	$(if $(CPU_SMOKE),,-$(PIP) install -q -e '.[gpu]')
-	$(if $(CPU_SMOKE),,-$(PIP) install -q -e '.[bench]')
+	$(if $(CPU_SMOKE),,-$(PIP) install -q -c $(VENV)/torch-constraint.txt -e '.[gpu]')
+	$(if $(CPU_SMOKE),,-$(PIP) install -q -c $(VENV)/torch-constraint.txt -e '.[bench]')
 	$(BIN)/python scripts/gpu_check.py --out gpu-check $(if $(CPU_SMOKE),--cpu-smoke)
 
 # Debian packages the system tests start for real (needs root; CI runs it).
