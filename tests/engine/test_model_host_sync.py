@@ -2,8 +2,27 @@
 import pytest
 import torch
 
+import torch.nn.functional as F
+
+from pretrain.config import config_from_dict
 from pretrain.model import Objective, batch_generator, build_model
-from tests.engine.test_model import VOCAB, make_batch, make_cfg, table  # noqa: F401 - table is a fixture
+
+VOCAB, DIM, LENGTH = 60, 8, 12
+
+
+def make_cfg(loss):
+    return config_from_dict({"model": {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 32, "max_seq_len": LENGTH},
+                             "targets": {"dim": DIM}, "loss": {"name": "cosine", **loss}})
+
+
+@pytest.fixture(scope="module")
+def table():
+    return F.normalize(torch.randn(VOCAB, DIM, generator=torch.Generator().manual_seed(0)), dim=1)
+
+
+def make_batch():
+    ids = torch.randint(5, VOCAB, (3, LENGTH), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "doc_ids": torch.zeros_like(ids)}
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -11,7 +30,7 @@ def test_continuous_forward_has_no_nonzero_host_sync(fused, table, monkeypatch):
     # .nonzero() waits for the GPU every step; the continuous losses skip ignored rows themselves.
     # impl=triton: the GPU path (Triton's interpreter here); the CPU reference gathers rows itself.
     torch.manual_seed(0)
-    model = build_model(make_cfg(loss={"fused_head": fused, "chunk_size": 4, "impl": "triton"}), VOCAB, table)
+    model = build_model(make_cfg({"fused_head": fused, "chunk_size": 4, "impl": "triton"}), VOCAB, table)
     batch = Objective("masked", VOCAB, 0.3)(make_batch(), batch_generator(0, 1, 0, 0))
     want = model(batch)
 
