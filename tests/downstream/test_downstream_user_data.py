@@ -10,9 +10,8 @@ import pretrain
 from pretrain.cli import main as cli_main
 from pretrain.downstream import export as ex
 from pretrain.downstream.card import export_card
-from pretrain.downstream.classify import read_labelled
+from pretrain.downstream.classify import document_ids, holdout_split, read_labelled
 from pretrain.downstream.finetune import load_classifier, predict
-from pretrain.downstream.classify import document_ids
 from pretrain.model import init_embeddings_from_table
 
 TOPICS = {"animal": "zoo", "food": "kitchen", "person": "office", "plant": "garden"}
@@ -80,8 +79,6 @@ def test_saved_user_classifier_reproduces_its_accuracy_on_the_held_out_rows(csv_
     model, sp, labels = load_classifier(out)
     assert model.windows.window == 32 and model.windows.max_windows == 4
     # the held-out rows are re-derived with the same seed and fraction
-    from pretrain.downstream.classify import holdout_split
-
     _, held = holdout_split(read_labelled(train, "body", "topic"), 0.2, 0)
     pred = predict(model, document_ids(sp, held.texts), 16)
     gold = torch.tensor([labels.index(y) for y in held.labels])
