@@ -89,7 +89,7 @@ def test_cli_prints_row_counts_per_split_and_label(untrained_export, tmp_path, r
     train = _write_jsonl(tmp_path / "train.jsonl", _user_rows(repo_root, 12))
     valid = _write_jsonl(tmp_path / "valid.jsonl", _user_rows(repo_root, 12)[:20])
     out = tmp_path / "probe"
-    args = ["finetune", "finetune.max_len=32", "tracking.enabled=false", "finetune.tfidf_baseline=false", "--probe",
+    args = ["finetune", "finetune.max_len=32", "finetune.tfidf_baseline=false", "--probe",
             "--train", str(train), "--valid", str(valid), "--text-field", "body", "--label-field", "topic",
             "--init", str(untrained_export), "--out", str(out)]
     assert cli_main(args) == 0
@@ -103,6 +103,12 @@ def test_cli_prints_row_counts_per_split_and_label(untrained_export, tmp_path, r
     after, _ = ex.load_encoder(out)
     assert all(torch.equal(v, after.state_dict()[k]) for k, v in before.state_dict().items())
     assert report["history"][0]["train_loss"] < 1.3  # fitted below chance's log(4) = 1.386 on its own rows
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("softmax-free-pretraining").experiment_id])[0]
+    assert run.data.metrics["majority_accuracy"] == pytest.approx(report["majority_baseline"]["accuracy"])
+    assert run.data.metrics["accuracy"] == pytest.approx(report["accuracy"]) and "tfidf_accuracy" not in run.data.metrics
 
 
 def test_finetune_help_names_the_finetune_keys(capsys):
