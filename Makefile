@@ -14,12 +14,12 @@ install: $(STAMP)
 
 # torch first, pinned: an unpinned torch (pulled in by deepspeed) is a multi-GB CUDA build.
 # DeepSpeed without prebuilt ops: the CPU path needs none, and a GPU machine JIT-compiles them.
+# The hf extra (transformers, sentence-transformers, scikit-learn) with torch held at the pinned version.
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH)
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed==0.19.8
-	# the hf extra (transformers, sentence-transformers) with torch held at the pinned version
 	echo '$(TORCH)' > $(VENV)/torch-constraint.txt
 	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e '.[dev,data,hf]'
 	touch $(STAMP)

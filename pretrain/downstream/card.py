@@ -147,7 +147,9 @@ def finetune_card(manifest: Mapping[str, Any], report: Mapping[str, Any], classi
          else "TF-IDF baseline not computed."),
         "",
         "Load with `pretrain.downstream.finetune.load_classifier(DIR)` (classifier, tokenizer, labels), "
-        "or the encoder alone with `pretrain.load_encoder(DIR)`.",
+        "or the encoder alone with `pretrain.load_encoder(DIR)`, "
+        "`transformers.AutoModel.from_pretrained(DIR, trust_remote_code=True)` or "
+        "`sentence_transformers.SentenceTransformer(DIR, trust_remote_code=True)`.",
         "",
     ]
     return "\n".join(lines)

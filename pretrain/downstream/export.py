@@ -299,7 +299,7 @@ def baseline_encoder(export_dir: str | Path, *, embeddings: str = "random", seed
     if embeddings not in ("random", "table"):
         raise ValueError(f"embeddings must be 'random' or 'table', got {embeddings!r}")
     export_dir = Path(export_dir)
-    pretrained, sp, manifest = load_export(export_dir)
+    _, sp, manifest = load_export(export_dir)  # every file verified, as for the pretrained encoder
     cfg = config_from_dict(manifest["config"], source=str(export_dir / CONFIG_FILE))
     table = None
     if TARGETS_FILE in manifest["files"]:
@@ -311,7 +311,6 @@ def baseline_encoder(export_dir: str | Path, *, embeddings: str = "random", seed
     torch.manual_seed(seed)
     model = build_model(cfg, manifest["vocab_size"], target_table=table, special_ids=manifest.get("special_ids"))
     model.tokenizer = sp
-    del pretrained
     return model.to(DTYPES[dtype]).eval(), sp
 
 

@@ -297,6 +297,7 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
             tracker.log_metrics({"train_loss": h["train_loss"], "accuracy": h["accuracy"], "macro_f1": h["macro_f1"]}, step=step)
         baseline = majority_baseline(task.valid_y.tolist(), len(task.labels))
         tfidf = tfidf_baseline(task.train.texts, task.train_y, task.valid.texts, task.valid_y, len(task.labels), ft.seed) if ft.tfidf_baseline else None
+        tracker.log_metrics({"majority_accuracy": baseline["accuracy"], **({"tfidf_accuracy": tfidf["accuracy"], "tfidf_macro_f1": tfidf["macro_f1"]} if tfidf else {})}, step=len(history))
         final = history[-1]
         report = {
             "init": str(init_dir),

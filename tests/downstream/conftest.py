@@ -39,3 +39,9 @@ def untrained_export(tiny_data, tmp_path_factory):
 def untrained_continuous_export(tiny_targets, tmp_path_factory):
     """As untrained_export, with a continuous head and the tiny fastText target table (dim 64)."""
     return export_untrained(tiny_targets, tmp_path_factory.mktemp("untrained") / "continuous", targets=True)
+
+
+@pytest.fixture
+def make_untrained_export(tiny_data, tmp_path):
+    """export_untrained with other model settings: make_untrained_export(name, overrides={...}, seed=...)."""
+    return lambda name, **kwargs: export_untrained(tiny_data, tmp_path / name, **kwargs)

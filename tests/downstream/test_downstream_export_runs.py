@@ -217,3 +217,22 @@ def test_the_model_card_usage_snippet_runs(exports):
     scope: dict = {}
     exec(code, scope)  # a fresh namespace: the snippet must import what it uses
     assert scope["hidden"].shape[0] == 1 and scope["hidden"].shape[-1] == 32
+
+
+@pytest.mark.parametrize("name", ["zero2", "softmax"])
+def test_exported_run_loads_in_transformers_and_sentence_transformers(exports, name):
+    transformers = pytest.importorskip("transformers", reason="the `.[hf]` extra (make install) provides transformers")
+    from sentence_transformers import SentenceTransformer
+
+    model, sp = pretrain.load_encoder(exports[name])
+    hf = transformers.AutoModel.from_pretrained(exports[name], trust_remote_code=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exports[name], trust_remote_code=True)
+    texts = ["a small domesticated carnivore kept as a pet", "the edible fruit of an apple tree"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], _sample_ids(sp, batch["input_ids"].shape[1]))
+    with torch.no_grad():
+        hidden, reference = hf(**batch).last_hidden_state, model.encode(batch["input_ids"])
+    real = batch["attention_mask"].bool()
+    assert (hidden[real] - reference[real]).abs().max() <= 1e-5
+    vectors = SentenceTransformer(str(exports[name]), trust_remote_code=True, device="cpu").encode(texts, convert_to_tensor=True)
+    assert (vectors - model.embed(texts)).abs().max() <= 1e-5

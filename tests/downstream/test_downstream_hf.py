@@ -160,3 +160,21 @@ def test_inexact_or_unconvertible_tokenizer_falls_back_to_sentencepiece_with_a_l
     (tmp_path / "b").mkdir()
     assert hf_files.HF_TOKENIZER_FILE not in hf_files.write_hf_files(tmp_path / "b", sp, "bpe", model_cfg)
     assert "SentencePiece bpe model; only unigram converts exactly" in caplog.text
+
+
+def test_causal_export_is_causal_in_transformers_too(make_untrained_export):
+    from transformers import AutoModel
+
+    causal = make_untrained_export("causal", overrides={"objective": "causal"}, seed=3)
+    model, sp = ex.load_encoder(causal)
+    hf = AutoModel.from_pretrained(causal, trust_remote_code=True).eval()
+    assert hf.config.is_causal is True
+    ids = _pretrain_batch(sp, TEXTS)
+    mask = (ids != sp.pad_id()).long()
+    with torch.no_grad():
+        reference, hidden = model.encode(ids), hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        later = ids.clone()
+        later[0, 3:] = 7
+        prefix = hf(input_ids=later, attention_mask=torch.ones_like(later)).last_hidden_state
+    assert (hidden[mask.bool()] - reference[mask.bool()]).abs().max() <= 1e-5
+    torch.testing.assert_close(prefix[0, :3], hidden[0, :3], atol=1e-5, rtol=0)  # the future does not leak

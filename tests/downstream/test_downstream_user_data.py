@@ -10,9 +10,8 @@ import pretrain
 from pretrain.cli import main as cli_main
 from pretrain.downstream import export as ex
 from pretrain.downstream.card import export_card
-from pretrain.downstream.classify import read_labelled
+from pretrain.downstream.classify import document_ids, holdout_split, read_labelled
 from pretrain.downstream.finetune import load_classifier, predict
-from pretrain.downstream.classify import document_ids
 from pretrain.model import init_embeddings_from_table
 
 TOPICS = {"animal": "zoo", "food": "kitchen", "person": "office", "plant": "garden"}
@@ -80,8 +79,6 @@ def test_saved_user_classifier_reproduces_its_accuracy_on_the_held_out_rows(csv_
     model, sp, labels = load_classifier(out)
     assert model.windows.window == 32 and model.windows.max_windows == 4
     # the held-out rows are re-derived with the same seed and fraction
-    from pretrain.downstream.classify import holdout_split
-
     _, held = holdout_split(read_labelled(train, "body", "topic"), 0.2, 0)
     pred = predict(model, document_ids(sp, held.texts), 16)
     gold = torch.tensor([labels.index(y) for y in held.labels])
@@ -92,7 +89,7 @@ def test_cli_prints_row_counts_per_split_and_label(untrained_export, tmp_path, r
     train = _write_jsonl(tmp_path / "train.jsonl", _user_rows(repo_root, 12))
     valid = _write_jsonl(tmp_path / "valid.jsonl", _user_rows(repo_root, 12)[:20])
     out = tmp_path / "probe"
-    args = ["finetune", "finetune.max_len=32", "tracking.enabled=false", "finetune.tfidf_baseline=false", "--probe",
+    args = ["finetune", "finetune.max_len=32", "finetune.tfidf_baseline=false", "--probe",
             "--train", str(train), "--valid", str(valid), "--text-field", "body", "--label-field", "topic",
             "--init", str(untrained_export), "--out", str(out)]
     assert cli_main(args) == 0
@@ -106,6 +103,12 @@ def test_cli_prints_row_counts_per_split_and_label(untrained_export, tmp_path, r
     after, _ = ex.load_encoder(out)
     assert all(torch.equal(v, after.state_dict()[k]) for k, v in before.state_dict().items())
     assert report["history"][0]["train_loss"] < 1.3  # fitted below chance's log(4) = 1.386 on its own rows
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("softmax-free-pretraining").experiment_id])[0]
+    assert run.data.metrics["majority_accuracy"] == pytest.approx(report["majority_baseline"]["accuracy"])
+    assert run.data.metrics["accuracy"] == pytest.approx(report["accuracy"]) and "tfidf_accuracy" not in run.data.metrics
 
 
 def test_finetune_help_names_the_finetune_keys(capsys):
