@@ -78,7 +78,8 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -223,11 +224,7 @@ def _synced_sha256(path: Path) -> str:
     """sha256 of a file, after flushing it to disk (DeepSpeed's torch.save does not fsync)."""
     from pretrain.data.tokenizer import file_sha256
 
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path)
     return file_sha256(path)
 
 
@@ -343,11 +340,11 @@ def save(engine, ckpt_dir: Path, step: int, *, rank: int, rank_state: dict, meta
                 _write_atomic(partial / DIVERGED, diverged + "\n")
             meta = {**meta, **extra_meta, "format": FORMAT, "tag": tag, "step": step, CHECKSUMS: checksums(partial)}
             _write_atomic(partial / META, json.dumps(meta, indent=2))
-            _fsync_dir(partial)
+            _fsync(partial)
             if final.exists():  # saving the same step again (e.g. a signal right after a periodic save)
                 shutil.rmtree(final)
             os.rename(partial, final)
-            _fsync_dir(ckpt_dir)
+            _fsync(ckpt_dir)
             if not diverged:
                 _write_atomic(ckpt_dir / LATEST, tag)
             prune(ckpt_dir, keep_last)

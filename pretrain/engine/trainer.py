@@ -454,9 +454,12 @@ class Trainer:
                            samples_seen=step * self.samples_per_step, tokens_seen=step * self.tokens_per_step,
                            peak_mem_mb=peak_memory_mb(self.device), skipped=skipped, bad_steps=self.guard.total,
                            elapsed_s=time.perf_counter() - t_start, **self._learned_diagnostics())
-                metrics.write(row)
-                if not metrics.already_sent(row):  # replayed after a crash: MLflow has this step already
+                # MLflow first: a row in metrics.jsonl then means "sent" (or kept pending), and a
+                # replayed step equal to it is not sent again; a crash in between costs a duplicate
+                # point, never a missing one.
+                if not metrics.already_sent(row):
                     tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
+                metrics.write(row)
             if step == pause_at and rank0:
                 log.warning("%s=%d: pausing forever (test hook)", PAUSE_ENV, step)
                 while True:
