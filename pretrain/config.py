@@ -59,6 +59,9 @@ class DataConfig(Section):
     utf8_errors: Literal["replace", "skip"] = "replace"
     # Output directory of `pretrain prepare`; empty -> <workdir>/data.
     dir: Optional[str] = None
+    # Read the shards from this URL prefix (s3://, gs://, https://, or pipe:CMD with {name}) where a
+    # copy of the data dir lives; the data dir keeps manifest.json and the tokenizer (pretrain.data.remote).
+    shards_url: Optional[str] = None
     seq_len: int = Field(128, gt=1)
     samples_per_shard: int = Field(1024, gt=0)
     valid_fraction: float = Field(0.02, ge=0, lt=1)

@@ -150,27 +150,34 @@ def plan_parts(cfg: Config, reader: CorpusReader) -> list[Part]:
     return parts
 
 
-def run_parts(cfg: Config, parts: list[Part], processes: int, progress: bool = False) -> None:
-    """Step 2 for ``parts``: in this process when ``processes`` is 1, else in a pool of processes."""
+def run_parts(cfg: Config, parts: list[Part], processes: int, progress: bool = False, pool: concurrent.futures.Executor | None = None) -> None:
+    """Step 2 for ``parts``: in this process when ``processes`` is 1, else in ``pool`` or a new pool
+    of that many processes."""
     bar = tqdm(total=sum(Path(p.file).stat().st_size if p.end is None else p.end - p.start for p in parts),
                unit="B", unit_scale=True, desc="tokenize", disable=not progress, mininterval=0.5)
-    if processes <= 1 or len(parts) <= 1:
+    own_pool = pool is None and processes > 1 and len(parts) > 1
+    if own_pool:
+        pool = part_pool(cfg, min(processes, len(parts)))
+    if pool is None:
         _init_part_worker(cfg)
         results = map(process_part, parts)
     else:
-        # forkserver: no fork of a process whose threads (tqdm's monitor) may hold locks
-        pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(processes, len(parts)), mp_context=multiprocessing.get_context("forkserver"),
-            initializer=_init_part_worker, initargs=(cfg,),
-        )
         results = pool.map(process_part, parts)
     try:
-        for part, result in zip(parts, results):
+        for part, _ in zip(parts, results):
             bar.update(Path(part.file).stat().st_size if part.end is None else part.end - part.start)
     finally:
         bar.close()
-        if processes > 1 and len(parts) > 1:
+        if own_pool:
             pool.shutdown(cancel_futures=True)
+
+
+def part_pool(cfg: Config, processes: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Processes that run parts of ``cfg``'s corpus (each loads the tokenizer once)."""
+    # forkserver: no fork of a process whose threads (tqdm's monitor) may hold locks
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=processes, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_part_worker, initargs=(cfg,),
+    )
 
 
 # One part, in whichever process runs it -------------------------------------------------------
