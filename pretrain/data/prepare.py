@@ -50,6 +50,7 @@ def output_splits(cfg: Config) -> tuple[str, ...]:
 TOKENIZER_FILE = "tokenizer.model"
 REPORT_NAME = "prepare_report.json"
 PARTS_DIR = "parts"
+MANIFEST_CLAIM = "manifest.claimed"
 # Documents handed to SentencePiece per encode call (and all a part's process holds of them).
 ENCODE_CHUNK_BYTES = 1 << 20
 
@@ -107,10 +108,44 @@ def prepare_dataset(cfg: Config, *, progress: bool = True, processes: int | None
 
 def start_prepare(cfg: Config) -> CorpusReader:
     """Create the data dir and remove its manifest (it marks a complete data dir: an interrupted run
-    must leave none); the corpus reader."""
+    must leave none) and the claim on writing the next one; the corpus reader."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     (cfg.data_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    (cfg.data_dir / PARTS_DIR / MANIFEST_CLAIM).unlink(missing_ok=True)
     return corpus_reader(cfg)
+
+
+def prepare_task(cfg: Config, task_index: int, task_count: int, processes: int, *, manifest_when_complete: bool = False) -> dict | None:
+    """Step 2 for one task of ``task_count`` (e.g. a SLURM array): the parts ``index::count`` of the
+    plan, with ``processes`` processes. With ``manifest_when_complete``, the task that finds every
+    part done afterwards (the last one to finish) writes the manifest; returns it, else None."""
+    if not 0 <= task_index < task_count:
+        raise ValueError(f"task index {task_index} is not in [0, task count {task_count})")
+    if not (cfg.data_dir / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"no {cfg.data_dir / TOKENIZER_FILE}: run `pretrain prepare --step tokenizer` with the same config first")
+    reader = start_prepare(cfg)
+    parts = plan_parts(cfg, reader)
+    mine = parts[task_index::task_count]
+    log.info("task %d of %d: %d of the corpus's %d parts", task_index, task_count, len(mine), len(parts))
+    run_parts(cfg, mine, processes)
+    if not manifest_when_complete:
+        return None
+    done = [p for p in parts if _part_result_path(cfg.data_dir, p.index).is_file()]
+    if len(done) < len(parts):
+        log.info("%d of %d parts done: a task still running writes the manifest", len(done), len(parts))
+        return None
+    try:  # tasks finishing together may both see every part done: one claims the manifest
+        with open(cfg.data_dir / PARTS_DIR / MANIFEST_CLAIM, "x") as claim:
+            claim.write(f"task {task_index}\n")
+    except FileExistsError:
+        return None
+    return write_dataset_manifest(cfg, reader, parts)
+
+
+def finish_prepare(cfg: Config) -> dict:
+    """Step 3 alone (e.g. a job that depends on the array): check every part and write the manifest."""
+    reader = corpus_reader(cfg)
+    return write_dataset_manifest(cfg, reader, plan_parts(cfg, reader))
 
 
 def prepare_tokenizer(cfg: Config, reader: CorpusReader) -> Path:

@@ -288,3 +288,32 @@ def test_eval_only_writes_just_a_valid_split_of_the_whole_corpus(tiny_data, tmp_
 
     with pytest.raises(ValueError, match=r"split 'train' is not in"):  # the stream refuses a split it does not have
         build_loader(tmp_path / "data", "train", batch_size=4, rank=0, world_size=1, num_workers=0, seed=0)
+
+
+def test_steps_in_array_tasks_give_the_one_process_output(tiny_data, tmp_path, capsys):
+    """tokenizer step, then 3 tasks in any order (the last one writes the manifest) == prepare in one go;
+    a missing part is named by the manifest step."""
+    lines = _wordnet_lines(tiny_data)[:1500]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.txt").write_text("\n".join(lines[i * 500:(i + 1) * 500]) + "\n")
+    base = [f"data.corpus=[{corpus}]", "data.seq_len=32", "data.samples_per_shard=64", "data.valid_fraction=0.1",
+            "data.part_bytes=30000", "tokenizer.vocab_size=500"]
+    reference = derived(tiny_data, tmp_path / "one", *base)
+    prepare_dataset(reference, progress=False, processes=1)
+    args = [f"workdir={tmp_path / 'array'}", *base]
+    assert main(["prepare", "--step", "tokenizer", *args]) == 0
+    for task in (2, 0):
+        assert main(["prepare", "--step", "parts", "--task-index", str(task), "--task-count", "3", "--manifest-when-complete", *args]) == 0
+    assert not (tmp_path / "array" / "data" / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match=r"part 1 \(.*f0\.txt bytes 30000-.*has no result .*rerun that part"):
+        from pretrain.data.prepare import finish_prepare
+
+        finish_prepare(load_config(None, args))
+    assert main(["prepare", "--step", "parts", "--task-index", "1", "--task-count", "3", "--manifest-when-complete", *args]) == 0
+    assert "manifest written" in capsys.readouterr().out
+    one, array = reference.data_dir, tmp_path / "array" / "data"
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.suffix in (".tar", ".json", ".model") and p.name != "prepare_report.json")
+    assert len(files) > 10 and files == sorted(p.relative_to(array) for p in array.rglob("*") if p.suffix in (".tar", ".json", ".model") and p.name != "prepare_report.json")
+    assert all((one / f).read_bytes() == (array / f).read_bytes() for f in files)
