@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,30 @@ def test_a_transient_read_error_is_retried_with_back_off(tiny_data, meta_only, t
     # a read that keeps failing is reported, naming what was read, after the last attempt
     with pytest.raises(FileNotFoundError, match=r"cannot read pipe:exit 7 .*after 4 attempts.*data\.shards_url"):
         list(iter_samples(meta_only, "valid", shards_url="pipe:exit 7"))
+
+
+@pytest.mark.system
+@pytest.mark.multiproc
+def test_training_from_s3_is_killed_mid_run_and_resumes_with_the_same_losses(tiny_runs, s3_bucket, meta_only, tmp_path):
+    """`pretrain train` (2 processes, loader workers) streaming from the moto S3 server, killed at
+    step 10, resumed from its step-8 checkpoint: the 16 per-step losses equal the local zero2 run's."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
+    import tiny_runs as tiny_runs_script
+    from engine_launch import launch, metrics_rows, wait_for_step
+
+    from pretrain.engine.trainer import PAUSE_ENV
+
+    base = tiny_runs["zero2"].run_dir.parent / "base.yaml"
+    run_dir = tmp_path / "run"
+    args = ["train", str(base), *tiny_runs_script.RUNS["zero2"], f"train.run_dir={run_dir}", "train.run_name=zero2",
+            f"data.dir={meta_only}", "data.shards_url=s3://shards/tiny"]
+    job = launch(args, 2, tmp_path / "a", env={PAUSE_ENV: "10"})
+    wait_for_step(job, run_dir, 10)
+    job.kill()
+    job = launch(args, 2, tmp_path / "b")
+    assert job.wait() == [0, 0], job.output()
+    per_step = ("loss", "lr", "grad_norm", "data_fingerprint", "samples_seen")
+    resumed, reference = metrics_rows(run_dir), metrics_rows(tiny_runs["zero2"].run_dir)
+    assert [r["step"] for r in resumed] == list(range(1, 17))
+    assert [{k: r[k] for k in per_step} for r in resumed] == [{k: r[k] for k in per_step} for r in reference]
+    assert "resumed from" in (run_dir / "train.log").read_text()
