@@ -50,6 +50,8 @@ def output_splits(cfg: Config) -> tuple[str, ...]:
 TOKENIZER_FILE = "tokenizer.model"
 REPORT_NAME = "prepare_report.json"
 PARTS_DIR = "parts"
+# The tokenizer sample is drawn from whole parts worth this many times tokenizer.sample_bytes.
+SAMPLE_SCAN_FACTOR = 10
 MANIFEST_CLAIM = "manifest.claimed"
 # Documents handed to SentencePiece per encode call (and all a part's process holds of them).
 ENCODE_CHUNK_BYTES = 1 << 20
@@ -375,14 +377,39 @@ def estimate_text_bytes(files: list[Path]) -> int:
     return total
 
 
+def sample_parts(cfg: Config, parts: list[Part]) -> list[Part]:
+    """The parts the tokenizer sample is drawn from: all of them, or for a corpus over
+    SAMPLE_SCAN_FACTOR x tokenizer.sample_bytes, a seeded draw of whole parts about that large (in
+    corpus order): one serial pass over all of a 100 GB corpus for a 20 MB sample would take as long
+    as the parallel tokenisation."""
+    sizes = [estimate_text_bytes([Path(p.file)]) if p.end is None else p.end - p.start for p in parts]
+    limit = SAMPLE_SCAN_FACTOR * cfg.tokenizer.sample_bytes
+    if sum(sizes) <= limit:
+        return parts
+    chosen, total = [], 0
+    for index in random.Random(cfg.data.seed).sample(range(len(parts)), len(parts)):
+        chosen.append(index)
+        total += sizes[index]
+        if total >= limit:
+            break
+    return [parts[i] for i in sorted(chosen)]
+
+
 def _train_on_sample(cfg: Config, reader: CorpusReader, estimated_bytes: int, tokenizer_path: Path) -> None:
-    sample = sample_documents(reader, cfg.tokenizer.sample_bytes, cfg.data.seed, cfg.tokenizer.sample_doc_bytes)
+    all_parts = plan_parts(cfg, reader)
+    parts = sample_parts(cfg, all_parts)
+    documents = (doc for part in parts for doc in reader.file_documents(Path(part.file), part.start, part.end))
+    sample = sample_documents(documents, cfg.tokenizer.sample_bytes, cfg.data.seed, cfg.tokenizer.sample_doc_bytes)
+    if not sample.sentences and len(parts) < len(all_parts):  # the drawn parts were empty: look at all of them
+        parts = all_parts
+        sample = sample_documents(reader, cfg.tokenizer.sample_bytes, cfg.data.seed, cfg.tokenizer.sample_doc_bytes)
     # Only a corpus without any document gives an empty sample; SentencePiece's own error says nothing about it.
     if not sample.sentences:
         raise ValueError(_empty_corpus_message(cfg, reader))
     log.info(
-        "training a %s tokenizer (vocab %d) on %d documents (%.1f MB, %d cut to the per-document cap) of about %.1f MB",
-        cfg.tokenizer.model_type, cfg.tokenizer.vocab_size, sample.documents, sample.bytes / 1e6, sample.capped_documents, estimated_bytes / 1e6,
+        "training a %s tokenizer (vocab %d) on %d documents (%.1f MB, %d cut to the per-document cap) drawn from %d of the %d parts of about %.1f MB",
+        cfg.tokenizer.model_type, cfg.tokenizer.vocab_size, sample.documents, sample.bytes / 1e6, sample.capped_documents,
+        len(parts), len(all_parts), estimated_bytes / 1e6,
     )
     processor = train_tokenizer(
         sample.sentences,

@@ -11,6 +11,7 @@ import sentencepiece as spm
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.data.manifest import load_manifest
+from pretrain.data.corpus import corpus_reader
 from pretrain.data.prepare import prepare_dataset
 from pretrain.data.stream import read_shard
 from pretrain.data.tokenizer import SPECIAL_IDS, file_sha256, load_tokenizer
@@ -317,3 +318,22 @@ def test_steps_in_array_tasks_give_the_one_process_output(tiny_data, tmp_path, c
     files = sorted(p.relative_to(one) for p in one.rglob("*") if p.suffix in (".tar", ".json", ".model") and p.name != "prepare_report.json")
     assert len(files) > 10 and files == sorted(p.relative_to(array) for p in array.rglob("*") if p.suffix in (".tar", ".json", ".model") and p.name != "prepare_report.json")
     assert all((one / f).read_bytes() == (array / f).read_bytes() for f in files)
+
+
+def test_the_tokenizer_sample_of_a_big_corpus_reads_only_a_seeded_draw_of_parts(tiny_data, tmp_path, caplog):
+    """12 files of 20 KB, tokenizer.sample_bytes=5000: about 50 KB of parts (3) are read, the same ones each run."""
+    from pretrain.data.prepare import plan_parts, sample_parts
+
+    lines = _wordnet_lines(tiny_data)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"f{i:02d}.txt").write_text("\n".join(lines[i * 200:(i + 1) * 200]) + "\n")
+    cfg = derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]", "tokenizer.sample_bytes=5000", "tokenizer.vocab_size=300", "data.valid_fraction=0")
+    parts = plan_parts(cfg, corpus_reader(cfg))
+    drawn = sample_parts(cfg, parts)
+    assert drawn == sample_parts(cfg, parts) and drawn == sorted(drawn, key=lambda p: p.index)
+    assert 2 <= len(drawn) <= 4 and sum(Path(p.file).stat().st_size for p in drawn) >= 50_000
+    caplog.set_level("INFO", logger="pretrain.data.prepare")
+    manifest = prepare_dataset(cfg, progress=False)
+    assert f"drawn from {len(drawn)} of the 12 parts" in caplog.text and manifest["corpus"]["documents"] == 2400
