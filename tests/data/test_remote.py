@@ -141,3 +141,27 @@ def test_training_from_s3_is_killed_mid_run_and_resumes_with_the_same_losses(tin
     assert [r["step"] for r in resumed] == list(range(1, 17))
     assert [{k: r[k] for k in per_step} for r in resumed] == [{k: r[k] for k in per_step} for r in reference]
     assert "resumed from" in (run_dir / "train.log").read_text()
+
+
+def test_plain_http_prefix_streams_the_same_samples(tiny_data, meta_only):
+    """An HTTP server on 127.0.0.1 serving the data dir (python -m http.server): fsspec's HTTP reader."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tiny_data.data_dir)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/manifest.json", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "http.server did not start"
+                time.sleep(0.2)
+        remote = list(iter_samples(meta_only, "valid", shards_url=f"http://127.0.0.1:{port}"))
+        local = list(iter_samples(tiny_data.data_dir, "valid"))
+        assert len(remote) == len(local) and all((a == b).all() for a, b in zip(remote, local))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
