@@ -318,6 +318,11 @@ def test_steps_in_array_tasks_give_the_one_process_output(tiny_data, tmp_path, c
     files = sorted(p.relative_to(one) for p in one.rglob("*") if p.suffix in (".tar", ".json", ".model") and p.name != "prepare_report.json")
     assert len(files) > 10 and files == sorted(p.relative_to(array) for p in array.rglob("*") if p.suffix in (".tar", ".json", ".model") and p.name != "prepare_report.json")
     assert all((one / f).read_bytes() == (array / f).read_bytes() for f in files)
+    # the manifest step names a shard that is not the size its part recorded
+    victim = next(f for f in files if f.suffix == ".tar")
+    (array / victim).write_bytes((array / victim).read_bytes()[:-512])
+    with pytest.raises(ValueError, match=rf"shard .*{victim.name} of part \d+ .*not the one .*records"):
+        finish_prepare(load_config(None, args))
 
 
 def test_the_tokenizer_sample_of_a_big_corpus_reads_only_a_seeded_draw_of_parts(tiny_data, tmp_path, caplog):
