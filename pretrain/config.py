@@ -69,8 +69,8 @@ class DataConfig(Section):
     # Processes that tokenise the corpus's parts in parallel; 0 -> all CPU cores. The output does
     # not depend on it.
     num_proc: int = Field(0, ge=0)
-    # An uncompressed one-document-per-line file over this size is tokenised as several parts, one
-    # per byte range (part of the output layout: the shards change with it).
+    # An uncompressed text or JSONL file over this size is tokenised as several parts, one per
+    # byte range (part of the output layout: the shards change with it).
     part_bytes: int = Field(64_000_000, gt=0)
     # Only a valid split, of the whole corpus, with tokenizer.model_path: a held-out set to score a
     # model on (`pretrain prepare --eval-only`).

@@ -3,9 +3,9 @@
 Steps, none holding the corpus in memory:
 1. tokenizer: a seeded sample of documents (about ``tokenizer.sample_bytes``) trains SentencePiece,
    unless ``tokenizer.model_path`` names a model to reuse (one step, one process);
-2. parts: the corpus is cut into parts, each file one part, and an uncompressed one-document-per-
-   line file (plain text or JSONL) over ``data.part_bytes`` one part per byte range of that size
-   (a line belongs to the range it starts in). Each part is tokenised, its documents sent to the
+2. parts: the corpus is cut into parts, each file one part, and an uncompressed text or JSONL
+   file over ``data.part_bytes`` one part per byte range of that size (a line, or a paragraph,
+   belongs to the range its first line starts in; compressed files and Parquet stay whole). Each part is tokenised, its documents sent to the
    train or valid split (a draw seeded by the part, so no document straddles the splits), packed
    and written to its own shards ``<split>/shard-<part>-<n>.tar``, and its result to
    ``parts/part-<part>.json``. Parts are independent: a pool of ``data.num_proc`` processes
