@@ -59,6 +59,9 @@ class DataConfig(Section):
     utf8_errors: Literal["replace", "skip"] = "replace"
     # Output directory of `pretrain prepare`; empty -> <workdir>/data.
     dir: Optional[str] = None
+    # Read the shards from this URL prefix (s3://, gs://, https://, or pipe:CMD with {name}) where a
+    # copy of the data dir lives; the data dir keeps manifest.json and the tokenizer (pretrain.data.remote).
+    shards_url: Optional[str] = None
     seq_len: int = Field(128, gt=1)
     samples_per_shard: int = Field(1024, gt=0)
     valid_fraction: float = Field(0.02, ge=0, lt=1)
@@ -66,8 +69,8 @@ class DataConfig(Section):
     # Processes that tokenise the corpus's parts in parallel; 0 -> all CPU cores. The output does
     # not depend on it.
     num_proc: int = Field(0, ge=0)
-    # An uncompressed one-document-per-line file over this size is tokenised as several parts, one
-    # per byte range (part of the output layout: the shards change with it).
+    # An uncompressed text or JSONL file over this size is tokenised as several parts, one per
+    # byte range (part of the output layout: the shards change with it).
     part_bytes: int = Field(64_000_000, gt=0)
     # Only a valid split, of the whole corpus, with tokenizer.model_path: a held-out set to score a
     # model on (`pretrain prepare --eval-only`).

@@ -139,7 +139,7 @@ def _prepare_scaling(corpus: Path, data_dir: Path, out: Path, args: argparse.Nam
 
     from pretrain.config import load_config
     from pretrain.data.manifest import manifest_sha256
-    from pretrain.data.prepare import available_cpus, plan_parts, prepare_tokenizer, run_parts, start_prepare, write_dataset_manifest
+    from pretrain.data.prepare import available_cpus, part_pool, plan_parts, prepare_tokenizer, run_parts, start_prepare, write_dataset_manifest
 
     cores = available_cpus()
     counts = sorted(set(args.processes or [1, 2, cores]))
@@ -154,13 +154,20 @@ def _prepare_scaling(corpus: Path, data_dir: Path, out: Path, args: argparse.Nam
     parts = plan_parts(cfg, reader)
     seconds: dict[int, list[float]] = {n: [] for n in counts}
     fingerprints: dict[int, str] = {}
-    for _ in range(args.repeats):
-        for n in counts:  # interleaved: load from other jobs hits every setting alike
-            started = time.perf_counter()
-            run_parts(cfg, parts, n)
-            seconds[n].append(time.perf_counter() - started)
-            manifest = write_dataset_manifest(cfg, reader, parts)
-            fingerprints[n] = manifest_sha256(cfg.data_dir)  # the manifest holds every shard's sha256
+    # pools started once and warmed by an untimed round: process start-up is not throughput
+    pools = {n: part_pool(cfg, n) for n in counts if n > 1}
+    try:
+        for round_ in range(args.repeats + 1):
+            for n in counts:  # interleaved: load from other jobs hits every setting alike
+                started = time.perf_counter()
+                run_parts(cfg, parts, n, pool=pools.get(n))
+                if round_:
+                    seconds[n].append(time.perf_counter() - started)
+                manifest = write_dataset_manifest(cfg, reader, parts)
+                fingerprints[n] = manifest_sha256(cfg.data_dir)  # the manifest holds every shard's sha256
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
     text_mb = manifest["corpus"]["text_bytes"] / 1e6
     tokens = sum(split["tokens"] for split in manifest["splits"].values())
     base = statistics.median(seconds[counts[0]])

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     loader = build_loader(
         subject.data_dir, "valid", batch_size=eval_cfg.batch_size, rank=env.rank, world_size=env.world_size,
         num_workers=cli_cfg.data.loader_workers, seed=subject.cfg.data.seed, epochs=1,
-        on_corrupt_shard=cli_cfg.data.on_corrupt_shard,
+        on_corrupt_shard=cli_cfg.data.on_corrupt_shard, shards_url=cli_cfg.data.shards_url,
     )
     result = evaluate(
         model, loader, decoder=decoder, topk=eval_cfg.topk, seed=eval_cfg.seed,

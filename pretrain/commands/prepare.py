@@ -28,6 +28,12 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
+    parser.add_argument("--step", choices=["all", "tokenizer", "parts", "manifest"], default="all",
+                        help="run one step only (multi-node prepare, slurm/prepare.sbatch): tokenizer, then parts in "
+                        "every task of an array, then manifest (or --manifest-when-complete in the tasks)")
+    parser.add_argument("--task-index", type=int, default=None, help="with --step parts: this task's index (default: the SLURM array task, else 0)")
+    parser.add_argument("--task-count", type=int, default=None, help="with --step parts: number of tasks (default: the SLURM array size, else 1)")
+    parser.add_argument("--manifest-when-complete", action="store_true", help="with --step parts: the task that finds every part done writes the manifest")
     parser.add_argument("--eval-only", action="store_true", help="held-out corpus: write only a valid split of all of it, with tokenizer.model_path (data.eval_only=true)")
 
 
@@ -37,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.eval_only:
         cfg.data.eval_only = True
+    if args.step != "all":
+        return _run_step(cfg, args)
     manifest = prepare_dataset(cfg, progress=not args.no_progress)
     report = json.loads((cfg.data_dir / REPORT_NAME).read_text())
     corpus = manifest["corpus"]
@@ -56,4 +64,27 @@ def run(args: argparse.Namespace) -> int:
         f"throughput: {report['encode_mb_per_s']:.2f} MB/s, {report['encode_tokens_per_s']:,.0f} tokens/s "
         f"(tokenize+pack+write {report['encode_seconds']:.1f} s, {report['parts']} parts on {report['processes']} processes; total {report['total_seconds']:.1f} s)"
     )
+    return 0
+
+
+def _run_step(cfg, args: argparse.Namespace) -> int:
+    import os
+
+    from pretrain.data.prepare import available_cpus, finish_prepare, prepare_task, prepare_tokenizer, start_prepare
+
+    if args.step == "tokenizer":
+        path = prepare_tokenizer(cfg, start_prepare(cfg))
+        print(f"tokenizer: {path}")
+        return 0
+    if args.step == "manifest":
+        manifest = finish_prepare(cfg)
+        counts = ", ".join(f"{split}: {entry['samples']} sequences" for split, entry in manifest["splits"].items())
+        print(f"manifest:  {cfg.data_dir / 'manifest.json'} ({counts})")
+        return 0
+    env = os.environ
+    index = args.task_index if args.task_index is not None else int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    count = args.task_count if args.task_count is not None else int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    processes = cfg.data.num_proc or int(env.get("SLURM_CPUS_PER_TASK", 0)) or available_cpus()
+    manifest = prepare_task(cfg, index, count, processes, manifest_when_complete=args.manifest_when_complete)
+    print(f"task {index} of {count}: parts done" + (f"; manifest written: {cfg.data_dir / 'manifest.json'}" if manifest else ""))
     return 0

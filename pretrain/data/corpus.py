@@ -281,16 +281,22 @@ class CorpusReader:
             return
         try:
             head = self._text_head(path)
+            paragraphs = not is_jsonl(path) and self._separator_of(path, head) == "blank_line"
             with open_decompressed(path) as stream:
+                after_blank = True
                 if start:
                     stream.seek(start - 1)
                     start += self._skip_line(stream) - 1  # the line that straddles start belongs to the range before
+                    after_blank = paragraphs and self._line_before_is_blank(path, start)
+                if paragraphs:
+                    # a paragraph that starts in the range is read to its end, past the range's end
+                    lines = self._decoded_lines(stream, path, parse_whole=False, start=start, bytes_until=end)
+                    self.stats.blank_line_files += start == 0
+                    yield from self._paragraph_documents(lines, path, end, after_blank)
+                    return
                 lines = self._decoded_lines(stream, path, parse_whole=is_jsonl(path), start=start, end=end)
                 if is_jsonl(path):
                     yield from self._jsonl_documents(lines, path)
-                elif self._separator_of(path, head) == "blank_line":
-                    self.stats.blank_line_files += 1
-                    yield from self._paragraph_documents(lines, path)
                 else:
                     yield from self._line_documents(lines)
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
@@ -299,7 +305,7 @@ class CorpusReader:
             raise ValueError(f"cannot read corpus file {path} (corrupt, truncated or unreadable: {exc}): re-create it or remove it from data.corpus") from None
 
     def splittable(self, path: Path) -> bool:
-        """Whether ``file_documents`` may read the file in byte ranges: uncompressed, one document per line."""
+        """Whether ``file_documents`` may read the file in byte ranges: uncompressed text or JSONL."""
         path = Path(path)
         if is_parquet(path):
             return False
@@ -307,7 +313,18 @@ class CorpusReader:
             magic = probe.read(4)
         if magic.startswith(GZIP_MAGIC) or magic == ZSTD_MAGIC:
             return False
-        return is_jsonl(path) or self._separator_of(path, self._text_head(path), quiet=True) == "line"
+        self._text_head(path)  # refuses a binary file here already
+        return True
+
+    def _line_before_is_blank(self, path: Path, line_start: int) -> bool:
+        """Whether the line that ends just before ``line_start`` (a line start) is blank."""
+        window = min(line_start - 1, SNIFF_BYTES)  # a longer line is not blank
+        with open(path, "rb") as f:
+            f.seek(line_start - 1 - window)
+            before = f.read(window)
+        if b"\n" not in before and window < line_start - 1:
+            return False
+        return not before.rsplit(b"\n", 1)[-1].strip()
 
     def _text_head(self, path: Path) -> bytes:
         """The first (decompressed) bytes of a file; an error naming it if they are not text."""
@@ -336,28 +353,34 @@ class CorpusReader:
             return "blank_line"
         return "line"
 
-    def _decoded_lines(self, stream, path: Path, parse_whole: bool, start: int = 0, end: int | None = None) -> Iterator[tuple[str, str]]:
-        """(where, text without the newline) of the lines that begin before ``end``; bad UTF-8
-        replaced or skipped per policy. ``where`` is the line number, or the byte offset in a range.
+    def _decoded_lines(self, stream, path: Path, parse_whole: bool, start: int = 0, end: int | None = None,
+                       bytes_until: int | None = None) -> Iterator[tuple[str, str, int]]:
+        """(where, text without the newline, byte offset where the line starts) of the lines that
+        begin before ``end``; bad UTF-8 replaced or skipped per policy. ``where`` is the line number,
+        or the byte offset in a range. Bytes count in the stats for lines that begin before
+        ``bytes_until`` (default ``end``): each range counts the lines it starts.
 
         A line is read at most ``max_record_bytes`` at a time: a longer one is yielded in pieces
         (oversize=split, and never for JSONL: ``parse_whole``) or skipped."""
         limit = self.max_record_bytes
+        bytes_until = end if bytes_until is None else bytes_until
         position, number = start, 0
         while (end is None or position < end) and (raw := stream.readline(limit)):
             number += 1
             where = f"byte {position}" if start else str(number)
+            line_start = position
+            counted = bytes_until is None or line_start < bytes_until
             position += len(raw)
-            self.stats.text_bytes += len(raw)
+            self.stats.text_bytes += len(raw) * counted
             if len(raw) < limit or raw.endswith(b"\n"):
                 text = self._decode(raw, path, where)
                 if text is not None:
-                    yield where, text.rstrip("\r\n")
+                    yield where, text.rstrip("\r\n"), line_start
                 continue
             if parse_whole or self.oversize == "skip":
                 skipped = self._skip_line(stream)
                 position += skipped
-                self.stats.text_bytes += skipped
+                self.stats.text_bytes += skipped * counted
                 self._oversize(path, where, "skipped" + (" (a JSONL record must be parsed whole)" if parse_whole else ""))
                 continue
             self._oversize(path, where, "split into pieces")
@@ -368,14 +391,14 @@ class CorpusReader:
                 raw, carry = raw[:cut], raw[cut:]
                 text = self._decode(raw, path, where)
                 if text is not None and text.rstrip("\r\n"):
-                    yield where, text.rstrip("\r\n")
+                    yield where, text.rstrip("\r\n"), line_start
                 if raw.endswith(b"\n"):
                     break
                 raw = stream.readline(limit)
                 position += len(raw)
-                self.stats.text_bytes += len(raw)
+                self.stats.text_bytes += len(raw) * counted
             if carry:
-                yield where, carry.decode("utf-8", errors="replace")
+                yield where, carry.decode("utf-8", errors="replace"), line_start
 
     def _decode(self, raw: bytes, path: Path, where: str) -> str | None:
         try:
@@ -412,37 +435,43 @@ class CorpusReader:
                 self.stats.documents += 1
                 yield piece
 
-    def _line_documents(self, lines: Iterator[tuple[str, str]]) -> Iterator[str]:
-        for _, text in lines:
+    def _line_documents(self, lines: Iterator[tuple[str, str, int]]) -> Iterator[str]:
+        for _, text, _ in lines:
             if text.strip():
                 self.stats.documents += 1
                 yield text
 
-    def _paragraph_documents(self, lines: Iterator[tuple[str, str]], path: Path) -> Iterator[str]:
+    def _paragraph_documents(self, lines: Iterator[tuple[str, str, int]], path: Path, end: int | None = None, after_blank: bool = True) -> Iterator[str]:
+        """Paragraphs; in a byte range, those whose first line starts before ``end`` (``after_blank``:
+        whether the line before the range's first line is blank, i.e. a paragraph may start there)."""
         paragraph: list[str] = []
         size = 0
-        skipping = False  # the rest of a paragraph dropped for its size (oversize=skip)
-        for number, text in lines:
+        inside = not after_blank  # between a paragraph's first line and the blank line after it
+        dropping = inside  # the lines of that paragraph are not ours: it began in the range before, or outgrew the limit (oversize=skip)
+        for number, text, line_start in lines:
             if not text.strip():
                 if paragraph:
                     yield from self._limited("\n".join(paragraph), path, number)
-                paragraph, size, skipping = [], 0, False
+                paragraph, size, inside, dropping = [], 0, False, False
                 continue
-            if skipping:
+            if not inside and end is not None and line_start >= end:
+                return  # this paragraph starts in the next range
+            inside = True
+            if dropping:
                 continue
             paragraph.append(text)
             size += len(text.encode("utf-8")) + 1
             if size > self.max_record_bytes:  # outgrew the limit: its pieces go out now, or it is dropped
-                skipping = self.oversize == "skip"
+                dropping = self.oversize == "skip"
                 yield from self._limited("\n".join(paragraph), path, number)
                 paragraph, size = [], 0
         if paragraph:
             yield from self._limited("\n".join(paragraph), path, "end")
 
-    def _jsonl_documents(self, lines: Iterator[tuple[str, str]], path: Path) -> Iterator[str]:
+    def _jsonl_documents(self, lines: Iterator[tuple[str, str, int]], path: Path) -> Iterator[str]:
         records = documents = 0
         first_keys = None
-        for number, text in lines:
+        for number, text, _ in lines:
             if not text.strip():
                 continue
             records += 1

@@ -82,13 +82,20 @@ def split_shards(data_dir: str | Path, manifest: dict, split: str) -> list[dict]
     return shards
 
 
-def missing_or_resized_shards(data_dir: str | Path, shards: list[dict]) -> list[str]:
-    """Cheap check (one stat per shard): messages for shards that are absent or have the wrong size."""
+def missing_or_resized_shards(data_dir: str | Path, shards: list[dict], remote: dict | None = None) -> list[str]:
+    """Cheap check (one stat per shard, or the sizes a remote listing gave: ``remote``): messages for
+    shards that are absent or have the wrong size."""
     problems = []
     for shard in shards:
-        path = Path(data_dir) / shard["name"]
-        if not path.is_file():
-            problems.append(f"{path} is missing")
-        elif path.stat().st_size != shard["bytes"]:
-            problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or rewritten)")
+        if remote is not None:
+            if not remote:
+                break  # the store cannot list: each shard is checked when it is loaded
+            where, size = shard["name"], remote.get(shard["name"])
+        else:
+            path = Path(data_dir) / shard["name"]
+            where, size = path, path.stat().st_size if path.is_file() else None
+        if size is None:
+            problems.append(f"{where} is missing")
+        elif size != shard["bytes"]:
+            problems.append(f"{where} has {size} bytes, the manifest says {shard['bytes']} (truncated or rewritten)")
     return problems

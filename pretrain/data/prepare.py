@@ -3,16 +3,17 @@
 Steps, none holding the corpus in memory:
 1. tokenizer: a seeded sample of documents (about ``tokenizer.sample_bytes``) trains SentencePiece,
    unless ``tokenizer.model_path`` names a model to reuse (one step, one process);
-2. parts: the corpus is cut into parts, each file one part, and an uncompressed one-document-per-
-   line file (plain text or JSONL) over ``data.part_bytes`` one part per byte range of that size
-   (a line belongs to the range it starts in). Each part is tokenised, its documents sent to the
+2. parts: the corpus is cut into parts, each file one part, and an uncompressed text or JSONL
+   file over ``data.part_bytes`` one part per byte range of that size (a line, or a paragraph,
+   belongs to the range its first line starts in; compressed files and Parquet stay whole). Each part is tokenised, its documents sent to the
    train or valid split (a draw seeded by the part, so no document straddles the splits), packed
    and written to its own shards ``<split>/shard-<part>-<n>.tar``, and its result to
    ``parts/part-<part>.json``. Parts are independent: a pool of ``data.num_proc`` processes
    (SentencePiece keeps nothing worth sharing) or the tasks of a SLURM array run them in any order;
    each process holds one chunk of documents and one open shard at a time;
 3. manifest: every part's result is checked (present, for the same slice of the same file, shards
-   present with their size and sha256) and merged, in part order, into manifest.json.
+   present with their recorded size; every reader checks each shard's sha256 when it loads it) and
+   merged, in part order, into manifest.json.
 Same corpus + same config ⇒ byte-identical tokenizer, shards and manifest, whatever the number
 of processes or tasks. Only the last sequence of each part and split is padded. Timings do not
 go into the manifest (it would no longer be reproducible) but into ``prepare_report.json``.
@@ -50,6 +51,9 @@ def output_splits(cfg: Config) -> tuple[str, ...]:
 TOKENIZER_FILE = "tokenizer.model"
 REPORT_NAME = "prepare_report.json"
 PARTS_DIR = "parts"
+# The tokenizer sample is drawn from whole parts worth this many times tokenizer.sample_bytes.
+SAMPLE_SCAN_FACTOR = 10
+MANIFEST_CLAIM = "manifest.claimed"
 # Documents handed to SentencePiece per encode call (and all a part's process holds of them).
 ENCODE_CHUNK_BYTES = 1 << 20
 
@@ -107,10 +111,44 @@ def prepare_dataset(cfg: Config, *, progress: bool = True, processes: int | None
 
 def start_prepare(cfg: Config) -> CorpusReader:
     """Create the data dir and remove its manifest (it marks a complete data dir: an interrupted run
-    must leave none); the corpus reader."""
+    must leave none) and the claim on writing the next one; the corpus reader."""
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     (cfg.data_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    (cfg.data_dir / PARTS_DIR / MANIFEST_CLAIM).unlink(missing_ok=True)
     return corpus_reader(cfg)
+
+
+def prepare_task(cfg: Config, task_index: int, task_count: int, processes: int, *, manifest_when_complete: bool = False) -> dict | None:
+    """Step 2 for one task of ``task_count`` (e.g. a SLURM array): the parts ``index::count`` of the
+    plan, with ``processes`` processes. With ``manifest_when_complete``, the task that finds every
+    part done afterwards (the last one to finish) writes the manifest; returns it, else None."""
+    if not 0 <= task_index < task_count:
+        raise ValueError(f"task index {task_index} is not in [0, task count {task_count})")
+    if not (cfg.data_dir / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"no {cfg.data_dir / TOKENIZER_FILE}: run `pretrain prepare --step tokenizer` with the same config first")
+    reader = start_prepare(cfg)
+    parts = plan_parts(cfg, reader)
+    mine = parts[task_index::task_count]
+    log.info("task %d of %d: %d of the corpus's %d parts", task_index, task_count, len(mine), len(parts))
+    run_parts(cfg, mine, processes)
+    if not manifest_when_complete:
+        return None
+    done = [p for p in parts if _part_result_path(cfg.data_dir, p.index).is_file()]
+    if len(done) < len(parts):
+        log.info("%d of %d parts done: a task still running writes the manifest", len(done), len(parts))
+        return None
+    try:  # tasks finishing together may both see every part done: one claims the manifest
+        with open(cfg.data_dir / PARTS_DIR / MANIFEST_CLAIM, "x") as claim:
+            claim.write(f"task {task_index}\n")
+    except FileExistsError:
+        return None
+    return write_dataset_manifest(cfg, reader, parts)
+
+
+def finish_prepare(cfg: Config) -> dict:
+    """Step 3 alone (e.g. a job that depends on the array): check every part and write the manifest."""
+    reader = corpus_reader(cfg)
+    return write_dataset_manifest(cfg, reader, plan_parts(cfg, reader))
 
 
 def prepare_tokenizer(cfg: Config, reader: CorpusReader) -> Path:
@@ -150,27 +188,34 @@ def plan_parts(cfg: Config, reader: CorpusReader) -> list[Part]:
     return parts
 
 
-def run_parts(cfg: Config, parts: list[Part], processes: int, progress: bool = False) -> None:
-    """Step 2 for ``parts``: in this process when ``processes`` is 1, else in a pool of processes."""
+def run_parts(cfg: Config, parts: list[Part], processes: int, progress: bool = False, pool: concurrent.futures.Executor | None = None) -> None:
+    """Step 2 for ``parts``: in this process when ``processes`` is 1, else in ``pool`` or a new pool
+    of that many processes."""
     bar = tqdm(total=sum(Path(p.file).stat().st_size if p.end is None else p.end - p.start for p in parts),
                unit="B", unit_scale=True, desc="tokenize", disable=not progress, mininterval=0.5)
-    if processes <= 1 or len(parts) <= 1:
+    own_pool = pool is None and processes > 1 and len(parts) > 1
+    if own_pool:
+        pool = part_pool(cfg, min(processes, len(parts)))
+    if pool is None:
         _init_part_worker(cfg)
         results = map(process_part, parts)
     else:
-        # forkserver: no fork of a process whose threads (tqdm's monitor) may hold locks
-        pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(processes, len(parts)), mp_context=multiprocessing.get_context("forkserver"),
-            initializer=_init_part_worker, initargs=(cfg,),
-        )
         results = pool.map(process_part, parts)
     try:
-        for part, result in zip(parts, results):
+        for part, _ in zip(parts, results):
             bar.update(Path(part.file).stat().st_size if part.end is None else part.end - part.start)
     finally:
         bar.close()
-        if processes > 1 and len(parts) > 1:
+        if own_pool:
             pool.shutdown(cancel_futures=True)
+
+
+def part_pool(cfg: Config, processes: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Processes that run parts of ``cfg``'s corpus (each loads the tokenizer once)."""
+    # forkserver: no fork of a process whose threads (tqdm's monitor) may hold locks
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=processes, mp_context=multiprocessing.get_context("forkserver"), initializer=_init_part_worker, initargs=(cfg,),
+    )
 
 
 # One part, in whichever process runs it -------------------------------------------------------
@@ -300,7 +345,9 @@ def _checked_part_result(cfg: Config, part: Part) -> dict:
     for split in output_splits(cfg):
         for shard in result["splits"][split]["shards"]:
             shard_path = data_dir / shard["name"]
-            if not shard_path.is_file() or shard_path.stat().st_size != shard["bytes"] or file_sha256(shard_path) != shard["sha256"]:
+            # sizes only: re-hashing every shard would be a serial pass over the whole output, and
+            # every reader checks each shard's sha256 when it loads it
+            if not shard_path.is_file() or shard_path.stat().st_size != shard["bytes"]:
                 raise ValueError(f"shard {shard_path} of part {part.index} ({part.describe()}) is missing or not the one {path} records; {rerun}")
     return result
 
@@ -333,14 +380,39 @@ def estimate_text_bytes(files: list[Path]) -> int:
     return total
 
 
+def sample_parts(cfg: Config, parts: list[Part]) -> list[Part]:
+    """The parts the tokenizer sample is drawn from: all of them, or for a corpus over
+    SAMPLE_SCAN_FACTOR x tokenizer.sample_bytes, a seeded draw of whole parts about that large (in
+    corpus order): one serial pass over all of a 100 GB corpus for a 20 MB sample would take as long
+    as the parallel tokenisation."""
+    sizes = [estimate_text_bytes([Path(p.file)]) if p.end is None else p.end - p.start for p in parts]
+    limit = SAMPLE_SCAN_FACTOR * cfg.tokenizer.sample_bytes
+    if sum(sizes) <= limit:
+        return parts
+    chosen, total = [], 0
+    for index in random.Random(cfg.data.seed).sample(range(len(parts)), len(parts)):
+        chosen.append(index)
+        total += sizes[index]
+        if total >= limit:
+            break
+    return [parts[i] for i in sorted(chosen)]
+
+
 def _train_on_sample(cfg: Config, reader: CorpusReader, estimated_bytes: int, tokenizer_path: Path) -> None:
-    sample = sample_documents(reader, cfg.tokenizer.sample_bytes, cfg.data.seed, cfg.tokenizer.sample_doc_bytes)
+    all_parts = plan_parts(cfg, reader)
+    parts = sample_parts(cfg, all_parts)
+    documents = (doc for part in parts for doc in reader.file_documents(Path(part.file), part.start, part.end))
+    sample = sample_documents(documents, cfg.tokenizer.sample_bytes, cfg.data.seed, cfg.tokenizer.sample_doc_bytes)
+    if not sample.sentences and len(parts) < len(all_parts):  # the drawn parts were empty: look at all of them
+        parts = all_parts
+        sample = sample_documents(reader, cfg.tokenizer.sample_bytes, cfg.data.seed, cfg.tokenizer.sample_doc_bytes)
     # Only a corpus without any document gives an empty sample; SentencePiece's own error says nothing about it.
     if not sample.sentences:
         raise ValueError(_empty_corpus_message(cfg, reader))
     log.info(
-        "training a %s tokenizer (vocab %d) on %d documents (%.1f MB, %d cut to the per-document cap) of about %.1f MB",
-        cfg.tokenizer.model_type, cfg.tokenizer.vocab_size, sample.documents, sample.bytes / 1e6, sample.capped_documents, estimated_bytes / 1e6,
+        "training a %s tokenizer (vocab %d) on %d documents (%.1f MB, %d cut to the per-document cap) drawn from %d of the %d parts of about %.1f MB",
+        cfg.tokenizer.model_type, cfg.tokenizer.vocab_size, sample.documents, sample.bytes / 1e6, sample.capped_documents,
+        len(parts), len(all_parts), estimated_bytes / 1e6,
     )
     processor = train_tokenizer(
         sample.sentences,

@@ -4,15 +4,21 @@ The tars are byte-identical for identical input: webdataset's TarWriter stamps e
 the current time unless ``mtime`` is given, so it is pinned here together with owner and mode
 (uid/gid are 0 in TarInfo by default). Each shard is written to a ``.tmp`` file and renamed when
 complete, so a crash never leaves a half-written shard under its final name.
+
+Speed: building each member's header through tarfile (TarInfo copy, pax check, field packing) was
+three quarters of prepare's time per process, SentencePiece a quarter. Every member of our shards
+has the same header but for its name (sizes are fixed by seq_len), so ``SampleTarWriter`` asks
+tarfile for one header per (name length, size) and patches the name and checksum; its output is
+byte for byte webdataset's TarWriter's (a test compares them).
 """
 from __future__ import annotations
 
 import functools
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from pretrain.data.tokenizer import file_sha256
 
@@ -48,6 +54,49 @@ def npy_array(payload: bytes, length: int) -> np.ndarray:
     return np.load(io.BytesIO(payload), allow_pickle=False)
 
 
+class SampleTarWriter:
+    """``wds.TarWriter(stream, user=group=TAR_OWNER, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False)``
+    for samples of bytes values with ASCII keys, at a fraction of its cost per member."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.offset = 0
+
+    def write(self, sample: dict) -> None:
+        key = sample["__key__"]
+        for field in sorted(k for k in sample if k != "__key__"):  # webdataset's member order
+            payload = sample[field]
+            header = _member_header(f"{key}.{field}", len(payload))
+            padding = -len(payload) % tarfile.BLOCKSIZE
+            self.stream.write(header + payload + tarfile.NUL * padding)
+            self.offset += len(header) + len(payload) + padding
+
+    def close(self) -> None:
+        # tarfile's end of archive: two zero blocks, then zeros up to a whole record
+        self.stream.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        self.offset += 2 * tarfile.BLOCKSIZE
+        self.stream.write(tarfile.NUL * (-self.offset % tarfile.RECORDSIZE))
+
+
+@functools.lru_cache(maxsize=64)
+def _header_template(name_length: int, size: int) -> bytes:
+    info = tarfile.TarInfo("x" * name_length)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, TAR_MTIME, TAR_MODE, TAR_OWNER, TAR_OWNER
+    header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    if len(header) != tarfile.BLOCKSIZE:
+        raise ValueError(f"a {name_length}-character member name needs a pax header; shard member names are short")
+    return header
+
+
+def _member_header(name: str, size: int) -> bytes:
+    """tarfile's header for a member ``name`` of ``size`` bytes (TAR_* owner, mode and mtime)."""
+    header = bytearray(_header_template(len(name), size))
+    header[: len(name)] = name.encode("ascii")
+    header[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
 def sample_key(part: int, index: int) -> str:
     """`__key__` of a sample: its part and its zero-padded index within that part's split."""
     return f"{part:05d}-{index:0{KEY_DIGITS}d}"
@@ -69,7 +118,7 @@ class ShardWriter:
         self.shards: list[dict] = []
         self.samples = 0
         self.tokens = 0
-        self._writer: wds.TarWriter | None = None
+        self._writer: SampleTarWriter | None = None
         self._file = None
         self._shard_samples = 0
         self._shard_tokens = 0
@@ -96,7 +145,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._file = open(self._shard_path().with_suffix(".tar.tmp"), "wb")
-        self._writer = wds.TarWriter(self._file, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=TAR_MTIME, encoder=False)
+        self._writer = SampleTarWriter(self._file)
         self._shard_samples = self._shard_tokens = 0
 
     def _close(self) -> None:

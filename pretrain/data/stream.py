@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pretrain.data.manifest import (
+    MANIFEST_NAME,
     PREPARE_HINT,
     check_tokenizer,
     load_manifest,
@@ -59,6 +60,7 @@ from pretrain.data.manifest import (
     missing_or_resized_shards,
     split_shards,
 )
+from pretrain.data.remote import read_bytes, remote_sizes, shard_location
 from pretrain.data.shards import npy_array
 from pretrain.engine.worker_guard import init_loader_worker, loader_children
 
@@ -76,12 +78,12 @@ class CorruptShardError(ValueError):
 
 def read_shard(path: str | Path, entry: Optional[dict], seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """All (input_ids, doc_ids) of a shard, in order; checked against its manifest ``entry`` (None: no check)."""
-    path = Path(path)
+    path = str(path)  # a local path or a URL (pretrain.data.remote)
     fix = f"re-copy the file or {PREPARE_HINT}; or stream with on_corrupt_shard=skip (data.on_corrupt_shard) to skip it"
     try:
-        payload = path.read_bytes()
+        payload = read_bytes(path)
     except OSError as exc:
-        raise CorruptShardError(f"shard {path} cannot be read ({exc.strerror}): {fix}") from None
+        raise CorruptShardError(f"shard {path} cannot be read ({exc.strerror or exc}): {fix}") from None
     if entry is not None:
         actual = hashlib.sha256(payload).hexdigest()
         if actual != entry["sha256"]:
@@ -106,7 +108,7 @@ def read_shard(path: str | Path, entry: Optional[dict], seq_len: int) -> list[tu
 
 
 def iter_samples(
-    data_dir: str | Path, split: str, *, on_corrupt_shard: str = "error", skipped: Optional[list] = None
+    data_dir: str | Path, split: str, *, on_corrupt_shard: str = "error", skipped: Optional[list] = None, shards_url: Optional[str] = None
 ) -> Iterator[np.ndarray]:
     """Every sample's input_ids (np.int32 [seq_len]) of a split, in shard order, in this process.
 
@@ -114,10 +116,10 @@ def iter_samples(
     to it as {"shard", "samples", "error"} (the loader's ``skipped`` entries without the epoch)."""
     if on_corrupt_shard not in CORRUPT_POLICIES:
         raise ValueError(f"on_corrupt_shard must be one of {CORRUPT_POLICIES}, got {on_corrupt_shard!r}")
-    manifest = _open_dataset(data_dir)
+    manifest = _open_dataset(data_dir, shards_url)
     for entry in split_shards(data_dir, manifest, split):
         try:
-            samples = read_shard(Path(data_dir) / entry["name"], entry, manifest["seq_len"])
+            samples = read_shard(shard_location(str(data_dir), shards_url, entry["name"]), entry, manifest["seq_len"])
         except CorruptShardError as exc:
             if on_corrupt_shard != "skip":
                 raise
@@ -129,9 +131,18 @@ def iter_samples(
             yield input_ids
 
 
-def _open_dataset(data_dir: str | Path) -> dict:
+def _open_dataset(data_dir: str | Path, shards_url: Optional[str] = None) -> dict:
     manifest = load_manifest(data_dir)
     check_tokenizer(data_dir, manifest)
+    if shards_url:
+        # the shards there must come from the same prepare as the local manifest
+        remote = shard_location(str(data_dir), shards_url, MANIFEST_NAME)
+        try:
+            same = read_bytes(remote) == (Path(data_dir) / MANIFEST_NAME).read_bytes()
+        except OSError as exc:
+            raise FileNotFoundError(f"cannot read {remote} ({exc}): data.shards_url must name a copy of the data dir {data_dir}") from None
+        if not same:
+            raise ValueError(f"{remote} differs from {Path(data_dir) / MANIFEST_NAME}: the shards at data.shards_url come from another prepare; copy that data dir's manifest.json and tokenizer.model here, or upload this one")
     return manifest
 
 
@@ -152,6 +163,10 @@ class StreamSpec:
     shuffle_buffer: int
     on_corrupt_shard: str
     manifest_sha256: str
+    shards_url: Optional[str] = None  # read shards from there instead of data_dir (pretrain.data.remote)
+
+    def location(self, entry: dict) -> str:
+        return shard_location(self.data_dir, self.shards_url, entry["name"])
 
     @property
     def streams(self) -> int:
@@ -254,7 +269,7 @@ class _WorkerStream:
             if entry["name"] in known_bad:
                 continue
             try:
-                read_shard(Path(self.spec.data_dir) / entry["name"], entry, self.spec.seq_len)
+                read_shard(self.spec.location(entry), entry, self.spec.seq_len)
                 return  # a later epoch will hand this worker a readable shard
             except CorruptShardError:
                 known_bad.add(entry["name"])
@@ -289,7 +304,7 @@ class _WorkerStream:
     def _load(self, shard: int, count_skip: bool = True) -> list:
         entry = self.spec.shards[shard]
         try:
-            return read_shard(Path(self.spec.data_dir) / entry["name"], entry, self.spec.seq_len)
+            return read_shard(self.spec.location(entry), entry, self.spec.seq_len)
         except CorruptShardError as exc:
             if self.spec.on_corrupt_shard != "skip" or not count_skip:
                 raise
@@ -454,8 +469,10 @@ def build_loader(
     epochs: Optional[int] = None,
     shuffle_buffer: int = 0,
     on_corrupt_shard: str = "error",
+    shards_url: Optional[str] = None,
 ) -> ResumableLoader:
-    """The rank's loader over ``<data_dir>/<split>`` (see the module docstring for the semantics)."""
+    """The rank's loader over ``<data_dir>/<split>``, or over those shards at ``shards_url`` (see the
+    module docstring for the semantics, pretrain.data.remote for URLs)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if world_size <= 0 or not 0 <= rank < world_size:
@@ -466,7 +483,7 @@ def build_loader(
         raise ValueError(f"epochs must be None (infinite) or positive, got {epochs}")
     if on_corrupt_shard not in CORRUPT_POLICIES:
         raise ValueError(f"on_corrupt_shard must be one of {CORRUPT_POLICIES}, got {on_corrupt_shard!r}")
-    manifest = _open_dataset(data_dir)
+    manifest = _open_dataset(data_dir, shards_url)
     shards = split_shards(data_dir, manifest, split)
     if epochs is None and len(shards) < world_size:
         # Every rank refuses (not only the shardless ones), so no rank is left waiting in a collective.
@@ -476,7 +493,7 @@ def build_loader(
             "`pretrain prepare` with a smaller data.samples_per_shard so that the split has at least one shard per rank, "
             "or use fewer processes"
         )
-    problems = missing_or_resized_shards(data_dir, shards)
+    problems = missing_or_resized_shards(data_dir, shards, remote_sizes(shards_url, [e["name"] for e in shards]) if shards_url else None)
     if problems:
         listing = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         if on_corrupt_shard == "error":
@@ -488,5 +505,6 @@ def build_loader(
         data_dir=str(data_dir), split=split, shards=tuple(shards), seq_len=manifest["seq_len"], batch_size=batch_size,
         rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, epochs=epochs,
         shuffle_buffer=shuffle_buffer, on_corrupt_shard=on_corrupt_shard, manifest_sha256=manifest_sha256(data_dir),
+        shards_url=shards_url,
     )
     return ResumableLoader(spec)

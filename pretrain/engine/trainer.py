@@ -229,7 +229,7 @@ class Trainer:
         d = self.cfg.data
         return build_loader(self.cfg.data_dir, "train", batch_size=self.cfg.train.micro_batch_size, rank=self.dp_rank,
                             world_size=self.dp_world, num_workers=d.loader_workers, seed=d.seed, epochs=None,
-                            shuffle_buffer=d.shuffle_buffer, on_corrupt_shard=d.on_corrupt_shard)
+                            shuffle_buffer=d.shuffle_buffer, on_corrupt_shard=d.on_corrupt_shard, shards_url=d.shards_url)
 
     # Checkpoints ----------------------------------------------------------------------------------
     def _save(self, step: int, diverged: str | None = None) -> Path:

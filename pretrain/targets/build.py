@@ -86,7 +86,7 @@ def build_targets(cfg: Config, *, progress: bool = True) -> dict:
     special = manifest["special_ids"]
     drop_ids = [i for name, i in special.items() if name not in ("unk", "eos")]  # pad, bos, mask
     skipped_shards: list[dict] = []  # data.on_corrupt_shard=skip: counted in the report
-    samples = iter_samples(data_dir, "train", on_corrupt_shard=cfg.data.on_corrupt_shard, skipped=skipped_shards)
+    samples = iter_samples(data_dir, "train", on_corrupt_shard=cfg.data.on_corrupt_shard, skipped=skipped_shards, shards_url=cfg.data.shards_url)
     documents = split_documents(samples, special["eos"], drop_ids)
     out_dir = Path(cfg.targets_path).parent
     out_dir.mkdir(parents=True, exist_ok=True)

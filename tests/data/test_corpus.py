@@ -206,3 +206,21 @@ def test_auto_doc_separator_reads_wrapped_prose_and_markdown_by_paragraph(tmp_pa
     assert stats.blank_line_files == 2 and "book.txt: hard-wrapped text" in caplog.text
     # an explicit choice applies to every file
     assert len(read([tmp_path / "book.txt"], doc_separator="line")[0]) == 20
+
+
+@pytest.mark.parametrize("range_bytes", [97, 500, 4096])
+def test_paragraph_file_read_in_byte_ranges_gives_each_paragraph_once(tmp_path, range_bytes):
+    """Ranges of a hard-wrapped file: a paragraph belongs to the range its first line starts in."""
+    rng = random.Random(range_bytes)
+    blocks = []
+    for p in range(60):
+        lines = [f"p{p} line {i} " + "word " * rng.randrange(1, 12) for i in range(rng.randrange(1, 6))]
+        blocks.append("\n".join(lines) + "\n" + rng.choice(["\n", "\n\n", "   \n", "\t\n\n"]))
+    path = tmp_path / "book.txt"
+    path.write_text("".join(blocks))
+    whole, whole_stats = read([path], doc_separator="blank_line")
+    assert len(whole) == 60
+    reader = CorpusReader([str(path)], doc_separator="blank_line")
+    size = path.stat().st_size
+    pieces = [doc for start in range(0, size, range_bytes) for doc in reader.file_documents(path, start, min(start + range_bytes, size))]
+    assert pieces == whole and reader.stats.text_bytes == size == whole_stats.text_bytes

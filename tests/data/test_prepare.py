@@ -11,6 +11,7 @@ import sentencepiece as spm
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.data.manifest import load_manifest
+from pretrain.data.corpus import corpus_reader
 from pretrain.data.prepare import prepare_dataset
 from pretrain.data.stream import read_shard
 from pretrain.data.tokenizer import SPECIAL_IDS, file_sha256, load_tokenizer
@@ -288,3 +289,56 @@ def test_eval_only_writes_just_a_valid_split_of_the_whole_corpus(tiny_data, tmp_
 
     with pytest.raises(ValueError, match=r"split 'train' is not in"):  # the stream refuses a split it does not have
         build_loader(tmp_path / "data", "train", batch_size=4, rank=0, world_size=1, num_workers=0, seed=0)
+
+
+def test_steps_in_array_tasks_give_the_one_process_output(tiny_data, tmp_path, capsys):
+    """tokenizer step, then 3 tasks in any order (the last one writes the manifest) == prepare in one go;
+    a missing part is named by the manifest step."""
+    lines = _wordnet_lines(tiny_data)[:1500]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.txt").write_text("\n".join(lines[i * 500:(i + 1) * 500]) + "\n")
+    base = [f"data.corpus=[{corpus}]", "data.seq_len=32", "data.samples_per_shard=64", "data.valid_fraction=0.1",
+            "data.part_bytes=30000", "tokenizer.vocab_size=500"]
+    reference = derived(tiny_data, tmp_path / "one", *base)
+    prepare_dataset(reference, progress=False, processes=1)
+    args = [f"workdir={tmp_path / 'array'}", *base]
+    assert main(["prepare", "--step", "tokenizer", *args]) == 0
+    for task in (2, 0):
+        assert main(["prepare", "--step", "parts", "--task-index", str(task), "--task-count", "3", "--manifest-when-complete", *args]) == 0
+    assert not (tmp_path / "array" / "data" / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match=r"part 1 \(.*f0\.txt bytes 30000-.*has no result .*rerun that part"):
+        from pretrain.data.prepare import finish_prepare
+
+        finish_prepare(load_config(None, args))
+    assert main(["prepare", "--step", "parts", "--task-index", "1", "--task-count", "3", "--manifest-when-complete", *args]) == 0
+    assert "manifest written" in capsys.readouterr().out
+    one, array = reference.data_dir, tmp_path / "array" / "data"
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.suffix in (".tar", ".json", ".model") and p.name != "prepare_report.json")
+    assert len(files) > 10 and files == sorted(p.relative_to(array) for p in array.rglob("*") if p.suffix in (".tar", ".json", ".model") and p.name != "prepare_report.json")
+    assert all((one / f).read_bytes() == (array / f).read_bytes() for f in files)
+    # the manifest step names a shard that is not the size its part recorded
+    victim = next(f for f in files if f.suffix == ".tar")
+    (array / victim).write_bytes((array / victim).read_bytes()[:-512])
+    with pytest.raises(ValueError, match=rf"shard .*{victim.name} of part \d+ .*not the one .*records"):
+        finish_prepare(load_config(None, args))
+
+
+def test_the_tokenizer_sample_of_a_big_corpus_reads_only_a_seeded_draw_of_parts(tiny_data, tmp_path, caplog):
+    """12 files of 20 KB, tokenizer.sample_bytes=5000: about 50 KB of parts (3) are read, the same ones each run."""
+    from pretrain.data.prepare import plan_parts, sample_parts
+
+    lines = _wordnet_lines(tiny_data)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"f{i:02d}.txt").write_text("\n".join(lines[i * 200:(i + 1) * 200]) + "\n")
+    cfg = derived(tiny_data, tmp_path, f"data.corpus=[{corpus}]", "tokenizer.sample_bytes=5000", "tokenizer.vocab_size=300", "data.valid_fraction=0")
+    parts = plan_parts(cfg, corpus_reader(cfg))
+    drawn = sample_parts(cfg, parts)
+    assert drawn == sample_parts(cfg, parts) and drawn == sorted(drawn, key=lambda p: p.index)
+    assert 2 <= len(drawn) <= 4 and sum(Path(p.file).stat().st_size for p in drawn) >= 50_000
+    caplog.set_level("INFO", logger="pretrain.data.prepare")
+    manifest = prepare_dataset(cfg, progress=False)
+    assert f"drawn from {len(drawn)} of the 12 parts" in caplog.text and manifest["corpus"]["documents"] == 2400
