@@ -129,7 +129,9 @@ def train_rows(train: dict) -> list[dict]:
             "vocab": result["vocab_size"],
             "tokens_per_s": {head: cell["tokens_per_s"] for head, cell in heads.items()},
             "phases_ms": {head: [cell.get(f"{p}_ms") for p in ("forward", "backward", "optimizer")] for head, cell in heads.items()},
-            "over_softmax": {head: _ratio(cell["tokens_per_s"], softmax) for head, cell in heads.items() if head != "softmax"},
+            # The suite's own ratio (median of the rounds' paired ratios) where it has one.
+            "over_softmax": {head: result.get(f"ratio_{head}_over_softmax", _ratio(cell["tokens_per_s"], softmax))
+                             for head, cell in heads.items() if head != "softmax"},
             "flop_ideal": {head: result.get(f"flop_ideal_{head}_over_softmax") for head in heads if head != "softmax"},
             "softmax_head_params": heads.get("softmax", {}).get("head_params"),
         })
@@ -407,15 +409,18 @@ def _head_style(head: str) -> dict:
 
 
 def _plot_loss(loss: dict, hardware: dict, key: str, ylabel: str, title: str, path: Path) -> None:
+    import matplotlib
+
     rows = loss_rows(loss)
     vocabs = sorted({r["vocab"] for r in rows})
     fig, ax = _figure(title, f"N={loss['shape']['tokens']}, H={loss['shape']['hidden']}, D in {loss['shape']['dims']}, "
                              f"{loss['shape']['dtype']} — {hardware_line(hardware)}")
     plotted = False
-    for head in dict.fromkeys(r["head"] for r in rows):
+    colors = matplotlib.colormaps["tab20"].colors  # more heads than the default ten-colour cycle
+    for index, head in enumerate(dict.fromkeys(r["head"] for r in rows)):
         points = [(r["vocab"], r[key]) for r in rows if r["head"] == head and r[key] is not None]
         if points:
-            ax.plot(*zip(*points), label=head, **_head_style(head))
+            ax.plot(*zip(*points), label=head, color=colors[index % len(colors)], **_head_style(head))
             plotted = True
     if not plotted:
         ax.text(0.5, 0.5, "not measured on this device", ha="center", va="center", transform=ax.transAxes)

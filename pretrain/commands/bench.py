@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import os
 import pkgutil
+import sys
 import time
 from pathlib import Path
 
@@ -133,7 +135,9 @@ def _publish(results: dict, results_path: Path, out_dir: Path, args: argparse.Na
 
 def run(args: argparse.Namespace) -> int:
     if args._action == "suite":
-        result = args._suite.run(args)
+        # stdout carries the JSON alone: libraries' prints during the run (DeepSpeed logs to stdout) go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = args._suite.run(args)
         result.setdefault("hardware", report.hardware_info())
         print(json.dumps(result, indent=2))
         return 0
