@@ -318,12 +318,15 @@ def head_outputs(model, cfg, split: str, max_batches: int = 0) -> tuple[torch.Te
     return torch.cat(outputs), torch.cat(targets)
 
 
-def decodings(model, cfg, counts: np.ndarray, outputs: torch.Tensor, beta: float = PRIOR_BETA) -> dict[str, torch.Tensor]:
-    """Top-5 ids per decoding: argmax (softmax heads), or nearest neighbour plain / CSLS / frequency prior."""
+def decodings(model, cfg, counts: np.ndarray, outputs: torch.Tensor, beta: float = PRIOR_BETA) -> dict[str, tuple[torch.Tensor, float]]:
+    """(top-5 ids, decode CPU seconds) per decoding: argmax (softmax heads), or nearest neighbour plain /
+    CSLS / frequency prior (the hub-aware ones re-rank a wider FAISS list: their extra cost shows here)."""
     from pretrain.evaluation.decoder import NearestNeighbourDecoder, csls_bias, frequency_prior_bias
 
     if not model.continuous:
-        return {"": outputs.topk(5, dim=-1).indices}
+        start = time.process_time()
+        top5 = outputs.topk(5, dim=-1).indices
+        return {"": (top5, time.process_time() - start)}
     table = model.target_table
     fit_on, _ = head_outputs(model, cfg, "train", max_batches=20)  # no labels used: only the predictions' geometry
     biases = {"": None, "+csls": csls_bias(table, fit_on), "+prior": frequency_prior_bias(counts, beta)}
@@ -331,8 +334,9 @@ def decodings(model, cfg, counts: np.ndarray, outputs: torch.Tensor, beta: float
     for suffix, bias in biases.items():
         decoder = NearestNeighbourDecoder(table, device="cpu", hub_bias=bias)
         start = time.process_time()
-        out[suffix] = decoder.search(outputs, 5)[1]
-        log.info("decode%s: %.2f s CPU for %d vectors", suffix or " (plain)", time.process_time() - start, len(outputs))
+        top5 = decoder.search(outputs, 5)[1]
+        out[suffix] = (top5, time.process_time() - start)
+        log.info("decode%s: %.2f s CPU for %d vectors", suffix or " (plain)", out[suffix][1], len(outputs))
     return out
 
 
@@ -478,9 +482,10 @@ def run_corpus(corpus: Corpus, base_cfg, variants: dict[str, list[str]], args, s
                 reference_targets = targets
             elif not torch.equal(targets, reference_targets):
                 raise RuntimeError(f"{name}: the validation targets differ from softmax's; the masks must be identical")
-            for suffix, top5 in decodings(model, vcfg, counts, outputs).items():
+            for suffix, (top5, decode_cpu_s) in decodings(model, vcfg, counts, outputs).items():
                 row = {"variant": name + suffix, "base_variant": name, "decoding": suffix.strip("+") or ("argmax" if not model.continuous else "nearest"),
-                       "overrides": variants[name], "training": training, **score(top5, targets, counts)}
+                       "overrides": variants[name], "training": training, "decode_cpu_s": round(decode_cpu_s, 3),
+                       **score(top5, targets, counts)}
                 budgets[budget][name + suffix] = row
                 hits[budget][name + suffix] = {"top1": (top5[:, 0] == targets).numpy(),
                                                "top5": (top5 == targets[:, None]).any(1).numpy()}

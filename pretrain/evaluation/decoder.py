@@ -274,7 +274,10 @@ def rescore(scores: np.ndarray, ids: np.ndarray, bias: np.ndarray, k: int) -> tu
     """The k best of each candidate list [N, C] by score - bias[id], best first."""
     adjusted = scores - bias[np.clip(ids, 0, None)]
     adjusted[ids < 0] = -np.inf  # FAISS pads short lists with id -1
-    order = np.argsort(-adjusted, axis=1, kind="stable")[:, :k]
+    if k < adjusted.shape[1]:  # select the k best in linear time, then sort only those
+        keep = np.argpartition(-adjusted, k - 1, axis=1)[:, :k]
+        adjusted, ids = np.take_along_axis(adjusted, keep, 1), np.take_along_axis(ids, keep, 1)
+    order = np.argsort(-adjusted, axis=1, kind="stable")
     return np.take_along_axis(adjusted, order, 1).astype(np.float32), np.take_along_axis(ids, order, 1)
 
 
