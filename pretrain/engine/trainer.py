@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from pretrain.engine.optim import build_optimizer, grad_norm, skip_single_replic
 from pretrain.engine.run_lock import RunDirLocked, RunLock
 from pretrain.engine.schedule import lr_for_config, set_lr
 from pretrain.engine.signals import EXIT_PREEMPTED, PreemptionFlag
+from pretrain.engine.worker_guard import die_with_parent
 from pretrain.model import batch_generator, build_model
 
 log = logging.getLogger(__name__)
@@ -366,6 +368,10 @@ class Trainer:
         # Inputs and the checkpoint to resume are checked before any process group exists:
         # a config error is found at once, on every rank alike.
         self.env: DistEnv = detect()
+        if os.environ.get("TORCHELASTIC_RUN_ID"):
+            # A rank whose torchrun agent was killed trained on unsupervised: SIGTERM it then, as a
+            # preemption (checkpoint, exit 99), so that no orphan keeps writing to the run directory.
+            die_with_parent(os.getppid(), signal.SIGTERM)
         self.inputs = load_run_inputs(cfg, self.env.world_size)
         resume_tag = self._find_resume()
         init_distributed(self.env)

@@ -41,12 +41,13 @@ def ignore_preemption_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when its parent ends (Linux); exit now if the parent is already gone."""
+def die_with_parent(parent_pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent ends (Linux); exit now if the
+    parent is already gone."""
     if sys.platform != "linux":
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:  # the parent died before the request was in place
         os._exit(1)

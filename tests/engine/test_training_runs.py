@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -233,3 +234,36 @@ def test_flipped_tensor_bytes_or_an_edited_data_position_stop_resume_and_export(
     assert main(["train", config, f"train.run_dir={run_dir}"]) == 1
     assert f"{position} does not match the sha256" in capsys.readouterr().err
     assert not (tmp_path / "export").exists()
+
+
+def test_ranks_checkpoint_and_stop_when_their_torchrun_agent_dies(engine_base, tmp_path):
+    """Killing only the agent left the ranks training unsupervised (and a relaunch joined them)."""
+    import psutil
+    from engine_launch import LAUNCHER_VARS
+
+    base, runs = engine_base
+    run_dir = tmp_path / "run"
+    env = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "torchrun.log", "w") as out:
+        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                  "-m", "pretrain", "train", str(base), *runs["zero2"], f"train.run_dir={run_dir}",
+                                  "train.steps=100000", "train.checkpoint_every=100000"],
+                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r["step"] >= 3 for r in metrics_rows(run_dir)):
+            assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "torchrun.log").read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = psutil.Process(agent.pid).children()
+        agent.kill()  # the agent alone
+        agent.wait()
+        _, alive = psutil.wait_procs(ranks, timeout=120)
+    finally:
+        try:
+            os.killpg(agent.pid, signal.SIGKILL)  # whatever is left of the job
+        except ProcessLookupError:
+            pass
+    assert not alive, "ranks still training after their agent died"
+    last = metrics_rows(run_dir)[-1]["step"]
+    assert (run_dir / ckpt.CHECKPOINTS / ckpt.LATEST).read_text() == ckpt.tag_for_step(last)
+    assert f"preempted: checkpoint of step {last} saved" in (run_dir / "train.log").read_text()
