@@ -133,7 +133,8 @@ def prepare_task(cfg: Config, task_index: int, task_count: int, processes: int, 
     run_parts(cfg, mine, processes)
     if not manifest_when_complete:
         return None
-    done = [p for p in parts if _part_result_path(cfg.data_dir, p.index).is_file()]
+    inputs = part_inputs(cfg)
+    done = [p for p in parts if _result_inputs(_part_result_path(cfg.data_dir, p.index)) == inputs]
     if len(done) < len(parts):
         log.info("%d of %d parts done: a task still running writes the manifest", len(done), len(parts))
         return None
@@ -224,7 +225,7 @@ _WORKER: dict = {}
 
 
 def _init_part_worker(cfg: Config) -> None:
-    _WORKER.update(cfg=cfg, reader=corpus_reader(cfg), tokenizer=load_tokenizer(cfg.data_dir / TOKENIZER_FILE))
+    _WORKER.update(cfg=cfg, reader=corpus_reader(cfg), tokenizer=load_tokenizer(cfg.data_dir / TOKENIZER_FILE), inputs=part_inputs(cfg))
 
 
 def process_part(part: Part) -> dict:
@@ -270,13 +271,28 @@ def process_part(part: Part) -> dict:
         splits[split] = {"documents": documents_per_split[split], "samples": writers[split].samples, "tokens": writers[split].tokens, "shards": shards}
     stats = reader.stats.as_dict()
     del stats["files"]
-    result = {"part": asdict(part), "splits": splits, "corpus": stats}
+    result = {"part": asdict(part), "inputs": _WORKER["inputs"], "splits": splits, "corpus": stats}
     path = _part_result_path(data_dir, part.index)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return result
+
+
+def part_inputs(cfg: Config) -> dict:
+    """What a part's output depends on besides its slice: the tokenizer and the data config (a result
+    with other inputs is a stale one from an earlier prepare, never merged)."""
+    data = cfg.data.model_dump(include={"seq_len", "samples_per_shard", "valid_fraction", "seed", "text_field", "doc_separator",
+                                        "utf8_errors", "max_record_bytes", "oversize", "part_bytes", "eval_only"})
+    return {"tokenizer_sha256": file_sha256(cfg.data_dir / TOKENIZER_FILE), "data": data}
+
+
+def _result_inputs(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()).get("inputs")
+    except (OSError, ValueError):
+        return None
 
 
 def _part_result_path(data_dir: Path, index: int) -> Path:
@@ -292,9 +308,10 @@ def write_dataset_manifest(cfg: Config, reader: CorpusReader, parts: list[Part])
     tokenizer_path = data_dir / TOKENIZER_FILE
     tokenizer = load_tokenizer(tokenizer_path)
     stats = CorpusStats(files=[str(p) for p in reader.files])
+    inputs = part_inputs(cfg)
     splits = {s: {"documents": 0, "samples": 0, "tokens": 0, "shards": []} for s in splits_out}
     for part in parts:
-        result = _checked_part_result(cfg, part)
+        result = _checked_part_result(cfg, part, inputs)
         stats.add(CorpusStats(**result["corpus"]))
         for split in splits_out:
             for key in ("documents", "samples", "tokens"):
@@ -333,13 +350,15 @@ def write_dataset_manifest(cfg: Config, reader: CorpusReader, parts: list[Part])
     return manifest
 
 
-def _checked_part_result(cfg: Config, part: Part) -> dict:
+def _checked_part_result(cfg: Config, part: Part, inputs: dict) -> dict:
     data_dir = cfg.data_dir
     path = _part_result_path(data_dir, part.index)
     rerun = f"rerun that part (pretrain prepare --step parts), or {PREPARE_HINT}"
     if not path.is_file():
         raise FileNotFoundError(f"part {part.index} ({part.describe()}) has no result {path}: its prepare task did not finish; {rerun}")
     result = json.loads(path.read_text())
+    if result.get("inputs") != inputs:
+        raise ValueError(f"{path} was made with another tokenizer or data config than this prepare's (a previous run's result); {rerun}")
     if result.get("part") != asdict(part):
         raise ValueError(f"{path} is for {result.get('part')}, not for part {part.index} of this corpus ({part.describe()}): the corpus or data.part_bytes changed; {rerun}")
     for split in output_splits(cfg):
