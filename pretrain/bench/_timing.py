@@ -6,7 +6,10 @@ The methodology every suite follows, because on a shared machine anything else f
 - the clock is the process's CPU time on CPU (time.process_time: work done, not time waited for a
   core another job holds) and CUDA events on a GPU;
 - every method reports the median with [min, max] of >= 5 repeats, never the best run alone;
-- the load average is recorded before and after, so a reader can judge the machine's state.
+- the load average is recorded before and after, so a reader can judge the machine's state;
+- glibc's allocator is pinned (pin_allocator): by default it moves its mmap/trim thresholds as
+  memory is freed, so whether a step's large buffers come back as fresh pages (page faults, counted
+  in process CPU time) depended on which models ran before: the same 16k step measured 26 or 37 ms.
 """
 from __future__ import annotations
 
@@ -18,6 +21,25 @@ from typing import Callable
 import torch
 
 MIN_REPEATS = 5
+# glibc mallopt parameters and the values pinned: blocks under 32 MiB (the largest fixed threshold
+# glibc accepts) come from the heap, and freed heap memory is kept for the next step, not trimmed.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+PINNED = {"mmap_threshold_bytes": 32 * 2**20, "trim_threshold_bytes": 2**31 - 1}
+
+
+def pin_allocator() -> dict | None:
+    """Fixed glibc malloc thresholds for this process (what was set), or None off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
+    ok = mallopt(_M_MMAP_THRESHOLD, PINNED["mmap_threshold_bytes"]) and mallopt(_M_TRIM_THRESHOLD, PINNED["trim_threshold_bytes"])
+    return dict(PINNED) if ok else None
 
 
 def sync(device: torch.device) -> None:

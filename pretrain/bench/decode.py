@@ -16,7 +16,7 @@ from pathlib import Path
 import faiss
 import torch
 
-from pretrain.bench._timing import clock_name, interleaved, load_average
+from pretrain.bench._timing import clock_name, interleaved, load_average, pin_allocator
 from pretrain.evaluation.decoder import IndexParams, NearestNeighbourDecoder, gpu_faiss_available, recall_at_k, torch_topk
 
 HELP = "decoding throughput: FAISS (CPU/GPU/sharded) vs torch matmul+topk, V in 32k..256k"
@@ -128,12 +128,13 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
+    allocator = pin_allocator()
     load_before = load_average()
     results = [_bench_one_size(v, args) for v in args.vocab_sizes]
     out = {
         "suite": "decode",
         "clock": clock_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "repeats": args.repeats,
-        "load_average": {"before": load_before, "after": load_average()},
+        "load_average": {"before": load_before, "after": load_average()}, "allocator_pinned": allocator,
         "dim": args.dim,
         "queries": args.queries,
         "k": args.k,

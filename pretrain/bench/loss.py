@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pretrain.bench._timing import clock_name, interleaved, load_average
+from pretrain.bench._timing import clock_name, interleaved, load_average, pin_allocator
 from pretrain_kernels import LOSS_NAMES, continuous_loss, fused_linear_continuous_loss
 
 HELP = "loss heads: continuous losses vs softmax, chunked CE, adaptive softmax (GPU: Liger, CCE), V in 32k..256k"
@@ -368,6 +368,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = _DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = pin_allocator()
     load_before = load_average()
     results, ratios = {}, {}
     for vocab in args.vocab_sizes:
@@ -380,6 +381,7 @@ def run(args: argparse.Namespace) -> dict:
         "shape": {"tokens": args.tokens, "hidden": args.hidden, "dims": args.dims, "dtype": args.dtype,
                   "chunk_size": args.chunk_size, "impl": args.impl, "cpu_threads": torch.get_num_threads()},
         "clock": clock_name(device), "repeats": args.repeats, "load_average": {"before": load_before, "after": load_average()},
+        "allocator_pinned": allocator,
         "results": results,
         "ratios": ratios,
         "kernels": _bench_kernels(args, device, dtype) if _CUDA else "not measured: no CUDA device",

@@ -29,7 +29,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from pretrain.bench._timing import MIN_REPEATS, clock_name, load_average, sync, timed_seconds
+from pretrain.bench._timing import MIN_REPEATS, clock_name, load_average, pin_allocator, sync, timed_seconds
 from pretrain.config import load_config
 from pretrain.engine.optim import build_optimizer, skip_single_replica_allreduce
 from pretrain.model import batch_generator, build_model
@@ -257,6 +257,7 @@ def run(args: argparse.Namespace) -> dict:
     common = [*args.overrides, f"model.objective={args.objective}", *OPTIMIZERS[args.optimizer]]
     base = load_config(args.config, common)
     seq_len = args.seq_len or base.model.max_seq_len
+    allocator = pin_allocator()
     load_before = load_average()
     results = []
     for vocab in vocab_sizes:
@@ -289,4 +290,5 @@ def run(args: argparse.Namespace) -> dict:
         cfg = load_config(args.config, [*common, *HEADS["continuous"]])
         out["engine"] = engine_overhead(cfg, vocab_sizes[-1], device, args.batch_size, seq_len, args.repeats, args.warmup)
     out["load_average"] = {"before": load_before, "after": load_average()}
+    out["allocator_pinned"] = allocator
     return out

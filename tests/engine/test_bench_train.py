@@ -22,6 +22,7 @@ def test_bench_train_reports_phases_ratios_and_the_flop_ideal_ratio():
     result = _run(["--vocab-sizes", "50,400"])
     assert result["device"] == "cpu" and result["seq_len"] == 8 and result["model"]["d_model"] == 16
     assert result["clock"] == "process_cpu_time" and result["optimizer"] == "sparse" and result["repeats"] == 9
+    assert result["allocator_pinned"] == {"mmap_threshold_bytes": 32 * 2**20, "trim_threshold_bytes": 2**31 - 1}  # glibc here
     small, large = result["results"]
     for row in (small, large):
         for head in ("continuous", "continuous_fused", "softmax"):
