@@ -613,14 +613,17 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
     fig = Figure(figsize=(6 * len(corpora), 4.5), layout="constrained")
     axes = fig.subplots(1, len(corpora), squeeze=False)[0]
     for ax, (name, corpus) in zip(axes, corpora.items()):
-        for variant in corpus["budgets"]["equal_tokens"]:
+        for variant, row in corpus["budgets"]["equal_tokens"].items():
+            if row["decoding"] in ("csls", "prior"):  # same training as the plain row: only the decoding differs
+                continue
             points = [(corpus["budgets"][b][variant]["training"]["cpu_s"], 100 * corpus["budgets"][b][variant]["top1"]) for b in ("equal_tokens", "equal_time")]
             ax.plot(*zip(*points), marker="o" if "softmax" in variant else "^", label=variant)
         ax.axvline(corpus["softmax_cpu_s"], color="grey", linewidth=0.8, linestyle=":")
         ax.set(title=f"{name}: top-1 vs training CPU time", xlabel="process CPU seconds (equal tokens, equal time)", ylabel="top-1 %")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{results['hardware'].get('cpu', '')}", fontsize=8)
+    fig.suptitle(f"{results['hardware'].get('cpu', '')}, {results['hardware'].get('cores', '?')} cores, torch threads "
+                 f"{results['torch_threads']}; {results['steps']} steps = equal tokens", fontsize=8)
     time_plot = out_dir / PLOTS["time"]
     fig.savefig(time_plot, dpi=110)
 
