@@ -53,7 +53,10 @@ VARIANTS = {
     "vmf_practice": ["model.head=continuous", "loss.name=vmf_practice"],
     "syn_margin": ["model.head=continuous", "loss.name=syn_margin_orth"],
     "learned_vmf": ["model.head=continuous", "loss.name=vmf_practice", "targets.learned=true"],
+    "vmf_D128": ["model.head=continuous", "loss.name=vmf_practice", "targets.dim=128"],
 }
+# The study's scale (README "Accuracy: the quality study"): about 50 min on a busy 2-core CPU.
+STUDY = {"bytes": 4_000_000, "steps": 300, "overrides": ["data.valid_fraction=0.05"]}
 SMALL = {"bytes": 300_000, "steps": 6, "overrides": ["tokenizer.vocab_size=500", "targets.epochs=1", "model.d_model=32",
                                                         "model.d_ff=64", "model.n_layers=1", "targets.dim=16",
                                                         "train.micro_batch_size=8", "train.warmup_steps=2",
@@ -76,13 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", action="append", default=None, metavar="NAME[=KEY=VALUE,...]",
                         help=f"a head variant: one of {', '.join(VARIANTS)}, or NAME=overrides for a new one, e.g. "
                              "'vmf_d128=model.head=continuous,loss.name=vmf_practice,targets.dim=128' (default: all built-ins)")
-    parser.add_argument("--steps", type=int, default=None, help="equal-token budget in optimizer steps (default train.steps; --small: 6)")
+    parser.add_argument("--steps", type=int, default=None, help=f"equal-token budget in optimizer steps (default {STUDY['steps']}; --small: {SMALL['steps']})")
     parser.add_argument("--max-time-factor", type=float, default=4.0, help="equal-time runs take at most this many times --steps")
     parser.add_argument("--small", action="store_true", help="CI size: 300 kB of each corpus, a tiny encoder, a few steps")
-    parser.add_argument("--corpus-bytes", type=int, default=0, help="use only the first N bytes of each corpus (0: all; --small: 300 kB)")
-    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per encoder and label budget")
+    parser.add_argument("--corpus-bytes", type=int, default=None, help=f"use only the first N bytes of each corpus (0: all; default "
+                        f"{STUDY['bytes']:,}; --small: {SMALL['bytes']:,})")
+    parser.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per encoder and label budget (default 3; --small: 1)")
     parser.add_argument("--scarce-per-class", type=int, default=20, help="labels per class of the scarce fine-tuning setting")
-    parser.add_argument("--many-per-class", type=int, default=0, help="labels per class of the larger setting (0: all labels)")
+    parser.add_argument("--many-per-class", type=int, default=100, help="labels per class of the larger setting (0: all labels)")
     parser.add_argument("--downstream", default="best", help="'best' (softmax, adaptive softmax, the best continuous variant), "
                         "'all', 'none', or comma-separated variant names")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is compute time on a shared machine)")
@@ -528,11 +532,12 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(max(1, args.threads))
     variants = parse_variants(args.variant)
     corpora = parse_corpora(args.corpus)
-    overrides = [*(SMALL["overrides"] if args.small else []), *args.overrides]
+    size = SMALL if args.small else STUDY
+    overrides = [*STUDY["overrides"], *(SMALL["overrides"] if args.small else []), *args.overrides]
     base_cfg = load_config(args.config, overrides)
-    steps = args.steps or (SMALL["steps"] if args.small else base_cfg.train.steps)
-    max_bytes = args.corpus_bytes or (SMALL["bytes"] if args.small else 0)
-    seeds = args.seeds if not args.small or args.seeds != 3 else 1
+    steps = args.steps or size["steps"]
+    max_bytes = size["bytes"] if args.corpus_bytes is None else args.corpus_bytes
+    seeds = args.seeds or (1 if args.small else 3)
     started = time.perf_counter()
     results = {"suite": "quality", "hardware": report.hardware_info(), "small": args.small, "steps": steps,
                "torch_threads": torch.get_num_threads(), "overrides": overrides,
@@ -613,14 +618,17 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
     fig = Figure(figsize=(6 * len(corpora), 4.5), layout="constrained")
     axes = fig.subplots(1, len(corpora), squeeze=False)[0]
     for ax, (name, corpus) in zip(axes, corpora.items()):
-        for variant in corpus["budgets"]["equal_tokens"]:
+        for variant, row in corpus["budgets"]["equal_tokens"].items():
+            if row["decoding"] in ("csls", "prior"):  # same training as the plain row: only the decoding differs
+                continue
             points = [(corpus["budgets"][b][variant]["training"]["cpu_s"], 100 * corpus["budgets"][b][variant]["top1"]) for b in ("equal_tokens", "equal_time")]
             ax.plot(*zip(*points), marker="o" if "softmax" in variant else "^", label=variant)
         ax.axvline(corpus["softmax_cpu_s"], color="grey", linewidth=0.8, linestyle=":")
         ax.set(title=f"{name}: top-1 vs training CPU time", xlabel="process CPU seconds (equal tokens, equal time)", ylabel="top-1 %")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{results['hardware'].get('cpu', '')}", fontsize=8)
+    fig.suptitle(f"{results['hardware'].get('cpu', '')}, {results['hardware'].get('cores', '?')} cores, torch threads "
+                 f"{results['torch_threads']}; {results['steps']} steps = equal tokens", fontsize=8)
     time_plot = out_dir / PLOTS["time"]
     fig.savefig(time_plot, dpi=110)
 

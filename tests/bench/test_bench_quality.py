@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from pretrain.bench import quality
 from pretrain.cli import main
@@ -81,7 +82,7 @@ def small_study(tmp_path_factory):
     argv = ["bench", "quality", "--small", "--corpus", f"wordnet={REPO_ROOT / 'data' / 'corpus'}",
             "--corpus", f"docs={REPO_ROOT / 'docs'}:blank_line", "--corpus-bytes", "150000",
             "--variant", "softmax", "--variant", "adaptive_softmax", "--variant", "cosine", "--variant", "learned_vmf",
-            "--seeds", "1", "--workdir", str(tmp / "work"), "--out", str(out)]
+            "--seeds", "1", "--workdir", str(tmp / "work"), "--out", str(out), "--track", "--store-dir", str(tmp / "mlruns")]
     assert main(argv) == 0
     return json.loads(out.read_text()), out.parent
 
@@ -110,7 +111,7 @@ def test_small_study_fine_tunes_against_both_controls_and_writes_table_and_plots
     ds = results["corpora"]["wordnet"]["downstream"]["results"]
     assert {"softmax", "adaptive_softmax", "control: random init", "control: table embeddings, no pretraining"} <= set(ds)
     for by_budget in ds.values():
-        assert set(by_budget) == {"20 per class", "all labels"}
+        assert set(by_budget) == {"20 per class", "100 per class"}
         assert all(0 <= b["mean"] <= 1 for b in by_budget.values())
     table = (out_dir / quality.MARKDOWN).read_text()
     assert "## Corpus: wordnet" in table and "## Corpus: docs" in table and "cosine+csls" in table
@@ -124,3 +125,15 @@ def test_prepared_data_and_tables_are_reused_only_for_the_same_key(tmp_path):
     for key in ({"data": "a"}, {"data": "a"}, {"data": "b"}):  # "b": re-prepared data (another manifest)
         quality._stamped(stamp, key, lambda: built.append(1))
     assert len(built) == 2
+
+
+def test_small_study_is_logged_to_mlflow_with_its_table_and_plots(small_study):
+    results, out_dir = small_study
+    store = out_dir.parent / "mlruns"
+    client = MlflowClient(f"sqlite:///{store.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("pretrain-bench")
+    (run,) = client.search_runs([experiment.experiment_id])
+    softmax_top1 = results["corpora"]["wordnet"]["budgets"]["equal_time"]["softmax"]["top1"]
+    assert run.data.metrics["quality.corpora.wordnet.budgets.equal_time.softmax.top1"] == pytest.approx(softmax_top1)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "bench")}
+    assert {f"bench/{quality.MARKDOWN}", "bench/quality.json", *(f"bench/{p}" for p in quality.PLOTS.values())} <= artifacts
