@@ -25,7 +25,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc-per-node", type=int, default=2, help="processes (ranks) to start, default 2")
+    parser.add_argument("--nproc-per-node", type=int, default=2, metavar="N", help="processes (ranks) to start, default 2")
     parser.add_argument("stage_args", nargs=argparse.REMAINDER, metavar="STAGE ...",
                         help="the pretrain stage and its arguments, e.g. train configs/tiny.yaml")
 
