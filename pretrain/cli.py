@@ -17,7 +17,7 @@ from pretrain import commands
 from pretrain.config import ConfigError
 
 # Pipeline order for --help; modules not listed here are appended alphabetically.
-STAGE_ORDER = ["prepare", "targets", "train", "eval", "export", "finetune", "bench", "ui", "demo"]
+STAGE_ORDER = ["prepare", "targets", "train", "launch", "eval", "export", "finetune", "bench", "ui", "demo"]
 
 
 def _command_modules() -> list[tuple[str, object]]:

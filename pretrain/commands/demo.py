@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     me = [sys.executable, "-m", "pretrain"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "pretrain"]
+    launch = me + ["launch", f"--nproc-per-node={args.nproc}"]  # one host: the rendezvous store on 127.0.0.1
     stage = _Stages()
     t_start = time.perf_counter()
 

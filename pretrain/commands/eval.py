@@ -8,12 +8,12 @@ eval/samples.txt (input, targets and predictions side by side) and, with trackin
 eval/* and the report as an artifact, added to the training run's MLflow run (on its server, if it was
 tracked on one). Scored on another data set (--data-dir), everything is keyed by that data set's
 name (<dir name>-<manifest sha256 prefix>): RUN_DIR/eval/<name>/report.json, metrics eval/<name>/*,
-so no result overwrites another. Several processes (torchrun) split the shards; rank 0 writes.
+so no result overwrites another. Several processes (pretrain launch, torchrun) split the shards; rank 0 writes.
 
 Examples (overrides come before the options):
   pretrain eval configs/tiny.yaml train.run_name=continuous
   pretrain eval configs/tiny.yaml eval.index=ivf eval.ivf_nprobe=32 --run-dir runs/tiny/runs/continuous
-  torchrun --nproc_per_node 2 -m pretrain eval configs/tiny.yaml --run-dir runs/tiny/runs/softmax
+  pretrain launch --nproc-per-node 2 eval configs/tiny.yaml --run-dir runs/tiny/runs/softmax
   pretrain eval configs/tiny.yaml --export runs/tiny/export/continuous
 """
 from __future__ import annotations
