@@ -23,6 +23,7 @@ reports the kernel's achieved memory bandwidth as a fraction of the device's pea
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 from pathlib import Path
 
@@ -164,30 +165,31 @@ def _adaptive_step(hidden, targets, vocab, dtype):
     return step
 
 
+# The fused cross-entropy kernels users pick on a GPU: row name -> (module, function, PyPI package).
+# Both take (hidden [N, H], weight [V, H], targets [N]) and return the mean loss.
+GPU_PEERS = {
+    "liger": ("liger_kernel.transformers.functional", "liger_fused_linear_cross_entropy", "liger-kernel"),
+    "cce": ("cut_cross_entropy", "linear_cross_entropy", "cut-cross-entropy"),
+}
+
+
 def _gpu_peer_steps(hidden, weight, targets) -> tuple[dict, dict]:
     """Liger-Kernel and Cut Cross-Entropy steps where CUDA and the package are there; else the reason."""
-    steps, missing = {}, {}
     if hidden.device.type != "cuda":
-        return steps, {"liger": "not measured: no CUDA device", "cce": "not measured: no CUDA device"}
+        return {}, {name: "not measured: no CUDA device" for name in GPU_PEERS}
+    steps, missing = {}, {}
     h, w = _leaves(hidden.clone(), weight.clone())
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    for name, (module, function, package) in GPU_PEERS.items():
+        try:
+            loss_fn = getattr(importlib.import_module(module), function)
+        except ImportError:
+            missing[name] = f"not measured: {package} not installed (pip install -e '.[bench]')"
+            continue
 
-        def liger_step():
+        def step(loss_fn=loss_fn):
             _zero_grads(h, w)
-            liger_fused_linear_cross_entropy(h, w, targets).backward()
-        steps["liger"] = liger_step
-    except ImportError:
-        missing["liger"] = "not measured: liger-kernel not installed (pip install -e '.[bench]')"
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-
-        def cce_step():
-            _zero_grads(h, w)
-            linear_cross_entropy(h, w, targets).backward()
-        steps["cce"] = cce_step
-    except ImportError:
-        missing["cce"] = "not measured: cut-cross-entropy not installed (pip install -e '.[bench]')"
+            loss_fn(h, w, targets).backward()
+        steps[name] = step
     return steps, missing
 
 
