@@ -127,12 +127,14 @@ def test_a_failing_rank_stops_the_other_and_fails_the_launch(base, tmp_path):
     assert not ranks[0].is_running() or ranks[0].status() == psutil.STATUS_ZOMBIE
 
 
-def test_a_signal_to_the_launcher_checkpoints_every_rank_and_exits_99(base, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_a_signal_to_the_launcher_checkpoints_every_rank_and_exits_99(base, tmp_path, signum):
+    # USR1: SLURM's warning before the time limit; TERM: a cancel or a requeue. Both are forwarded.
     run_dir, log_path = tmp_path / "run", tmp_path / "launch.log"
     with open(log_path, "w") as log:
         proc = pretrain_launch(base, run_dir, log, "train.steps=100000", "train.checkpoint_every=100000")
     wait_until(lambda: any(r["step"] >= 2 for r in metrics_rows(run_dir)), proc, log_path)
-    proc.send_signal(signal.SIGUSR1)  # as SLURM signals a job step before its time limit
+    proc.send_signal(signum)
     try:
         assert proc.wait(timeout=120) == EXIT_PREEMPTED, log_path.read_text()[-5000:]
     finally:
