@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from pretrain.bench._timing import MIN_REPEATS, clock_name, load_average, pin_allocator, sync, timed_seconds
 from pretrain.config import load_config
+from pretrain.engine.distributed import detect, init_distributed
 from pretrain.engine.optim import build_optimizer, skip_single_replica_allreduce
 from pretrain.model import batch_generator, build_model
 
@@ -156,30 +158,18 @@ def _ratio_row(row: dict, models: dict[str, TimedModel], cfgs: dict, vocab: int,
 
 def engine_overhead(cfg, vocab_size: int, device: torch.device, batch_size: int, seq_len: int, repeats: int, warmup: int) -> dict:
     """The continuous model's step in a one-process DeepSpeed engine vs the bare PyTorch step."""
-    import deepspeed
     import torch.distributed as dist
 
     started_here = not dist.is_initialized()
-    saved_env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    if started_here:  # one process, as a launcher would describe it (else DeepSpeed looks for MPI)
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op; skips a 70 s compile
-        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
-    try:
-        return _engine_vs_bare(cfg, vocab_size, device, batch_size, seq_len, repeats, warmup)
-    finally:
-        if started_here:
-            dist.destroy_process_group()
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    # The rank variables the start exports are this function's own: the environment is restored after.
+    with mock.patch.dict(os.environ):
+        if started_here:  # one process, started as the trainer starts one (in-memory store, no MPI lookup)
+            init_distributed(detect({}), backend="gloo" if device.type == "cpu" else "nccl")
+        try:
+            return _engine_vs_bare(cfg, vocab_size, device, batch_size, seq_len, repeats, warmup)
+        finally:
+            if started_here:
+                dist.destroy_process_group()
 
 
 def _engine_vs_bare(cfg, vocab_size: int, device: torch.device, batch_size: int, seq_len: int, repeats: int, warmup: int) -> dict:

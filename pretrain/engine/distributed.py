@@ -102,8 +102,9 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(env: DistEnv | None = None) -> DistEnv:
-    """Export the environment and start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU)."""
+def init_distributed(env: DistEnv | None = None, backend: str | None = None) -> DistEnv:
+    """Export the environment and start torch.distributed through DeepSpeed (default: gloo on CPU,
+    NCCL on GPU; `backend` chooses, e.g. gloo for a CPU benchmark on a GPU machine)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -113,7 +114,7 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
         return env
     # The shared-memory op only serves inference all-reduce and costs a ~70 s g++ build on first use.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if env.launcher == "none":
         # A single process needs no rendezvous: an in-memory store instead of a TCP store, which
         # would listen, unauthenticated, on every interface. DeepSpeed adopts the existing group.

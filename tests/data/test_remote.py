@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -48,22 +49,17 @@ def s3_bucket(tiny_data, tmp_path_factory):
                 server.kill()
                 raise RuntimeError(f"moto server did not start (see {log.name})")
             time.sleep(0.2)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    import s3fs
+    aws = dict(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    with mock.patch.dict(os.environ, aws):  # restored when the module's tests are done
+        import s3fs
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir("shards")
-    fs.put(str(tiny_data.data_dir) + "/", "shards/tiny", recursive=True)
-    yield fs
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("shards")
+        fs.put(str(tiny_data.data_dir) + "/", "shards/tiny", recursive=True)
+        yield fs
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
 
 
 @pytest.fixture
