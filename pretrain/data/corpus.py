@@ -344,12 +344,11 @@ class CorpusReader:
                 break
         return skipped
 
-    def _separator_of(self, path: Path, head: bytes, quiet: bool = False) -> str:
+    def _separator_of(self, path: Path, head: bytes) -> str:
         if self.doc_separator != "auto":
             return self.doc_separator
         if _base_name(path).endswith(PARAGRAPH_SUFFIXES) or looks_hard_wrapped(head.decode("utf-8", errors="replace")):
-            if not quiet:
-                log.info("%s: hard-wrapped text, one document per blank-line separated paragraph (data.doc_separator=auto)", path)
+            log.info("%s: hard-wrapped text, one document per blank-line separated paragraph (data.doc_separator=auto)", path)
             return "blank_line"
         return "line"
 

@@ -320,8 +320,9 @@ def write_dataset_manifest(cfg: Config, reader: CorpusReader, parts: list[Part])
     # shards and results of parts a previous run had and this one has not
     for split in SPLITS:
         remove_old_shards(data_dir, split, keep=frozenset(s["name"] for s in splits.get(split, {"shards": []})["shards"]))
+    current = {_part_result_path(data_dir, p.index) for p in parts}
     for stale in sorted((data_dir / PARTS_DIR).glob("part-*.json")):
-        if stale not in {_part_result_path(data_dir, p.index) for p in parts}:
+        if stale not in current:
             stale.unlink()
     reader.stats = stats
     if stats.documents == 0:

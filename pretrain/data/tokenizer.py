@@ -9,14 +9,11 @@ from __future__ import annotations
 import hashlib
 import heapq
 import io
-import logging
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
-
-log = logging.getLogger(__name__)
 
 import sentencepiece as spm
 
