@@ -131,10 +131,15 @@ def row_counts(task: Task) -> dict[str, Any]:
     }
 
 
+def _valid_source(task: Task, ft) -> str:
+    """Where the evaluation rows come from: a held-out share of the training file, or their own file."""
+    return f"{ft.valid_fraction:.0%} held out of {task.train.path}" if ft.valid_fraction > 0 else str(task.valid.path)
+
+
 def _log_rows(task: Task, ft, counts: dict[str, Any]) -> None:
     train, valid = counts["train"], counts["valid"]
     capped = f" (first {train['rows']} of {train['rows_available']}: finetune.max_train_examples={ft.max_train_examples})" if train["rows"] < train["rows_available"] else ""
-    source = f"{ft.valid_fraction:.0%} held out of {task.train.path}" if ft.valid_fraction > 0 else str(task.valid.path)
+    source = _valid_source(task, ft)
     log.info("training rows: %d%s from %s; per label %s", train["rows"], capped, task.train.path, train["per_label"])
     log.info("evaluation rows: %d (%s); per label %s", valid["rows"], source, valid["per_label"])
 
@@ -282,7 +287,6 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
         if ft.probe:
             model.encoder.requires_grad_(False)
             train_loss = fit_probe(model, pooled_features(model, task.train_ids, ft.batch_size), task.train_y)
-            model.eval()
             scores = classification_metrics(predict(model, task.valid_ids, ft.batch_size), task.valid_y, len(task.labels))
             history.append({"epoch": 1, "train_loss": train_loss, **scores})
         else:
@@ -307,7 +311,7 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
             "device": str(device),
             "labels": task.labels,
             "train_file": str(task.train.path),
-            "valid_file": f"{ft.valid_fraction:.0%} held out of {task.train.path}" if ft.valid_fraction > 0 else str(task.valid.path),
+            "valid_file": _valid_source(task, ft),
             "train_rows": len(task.train),
             "valid_rows": len(task.valid),
             "rows": counts,
