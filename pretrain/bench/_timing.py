@@ -75,6 +75,14 @@ def summary_ms(samples_s: list[float]) -> dict:
     return {"ms": round(statistics.median(ms), 3), "min_ms": round(min(ms), 3), "max_ms": round(max(ms), 3), "repeats": len(ms)}
 
 
+def rotated_rounds(names: list[str], repeats: int):
+    """The order of every method in each of `repeats` rounds, rotating so that no method always runs
+    right after the same neighbour."""
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        yield names[shift:] + names[:shift]
+
+
 def interleaved_seconds(methods: dict[str, Callable[[], object]], repeats: int, device: torch.device,
                         warmup: int = 1) -> dict[str, list[float]]:
     """Per method, `repeats` timed calls, interleaved round by round after `warmup` calls of each."""
@@ -86,9 +94,8 @@ def interleaved_seconds(methods: dict[str, Callable[[], object]], repeats: int, 
             methods[name]()
     sync(device)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)  # rotate: no method always runs right after the same neighbour
-        for name in names[shift:] + names[:shift]:
+    for order in rotated_rounds(names, repeats):
+        for name in order:
             samples[name].append(timed_seconds(methods[name], device))
     return samples
 

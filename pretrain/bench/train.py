@@ -30,7 +30,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from pretrain.bench._timing import MIN_REPEATS, clock_name, load_average, pin_allocator, sync, timed_seconds
+from pretrain.bench._timing import MIN_REPEATS, clock_name, load_average, pin_allocator, rotated_rounds, sync, timed_seconds
 from pretrain.config import load_config
 from pretrain.engine.distributed import detect, init_distributed
 from pretrain.engine.optim import build_optimizer, skip_single_replica_allreduce
@@ -131,9 +131,8 @@ def time_models(models: dict[str, TimedModel], repeats: int, warmup: int) -> Non
     for _ in range(warmup):
         for name in names:
             models[name].step(record=False)
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    for order in rotated_rounds(names, repeats):
+        for name in order:
             models[name].step(record=True)
 
 
