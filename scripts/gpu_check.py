@@ -175,10 +175,11 @@ def _is_continuous(name: str) -> bool:
 
 def part_bandwidth(mode: str, device) -> dict:
     """Pointwise loss kernel (forward + dL/dpred in one launch) vs the PyTorch reference (autograd),
-    timed in interleaved rounds; process CPU time on the CPU, synchronised wall time on a GPU."""
+    timed in interleaved rounds; process CPU time on the CPU, CUDA events on a GPU."""
     import torch
     import torch.nn.functional as F
 
+    from pretrain.bench._timing import clock_name
     from pretrain.bench.loss import peak_bandwidth_bytes_per_s
     from pretrain_kernels import LossParams, continuous_loss
     from pretrain_kernels.pointwise import loss_rows_and_grads
@@ -194,7 +195,7 @@ def part_bandwidth(mode: str, device) -> dict:
     # Minimum traffic of the launch: read p and E[y], write dL/dp (N×D each), ids and loss rows.
     moved = 3 * pred.numel() * pred.element_size() + shape["n"] * 12
     out = {"shape": shape, "bytes_moved": moved, "peak_bandwidth_gb_s": None if peak is None else round(peak / 1e9, 1),
-           "clock": "wall (cuda synchronised)" if device.type == "cuda" else "process CPU time", "losses": {}}
+           "clock": clock_name(device), "losses": {}}
     for kind in ("cosine", "vmf_practice"):
         def kernel_step():
             loss_rows_and_grads(pred, ids, table, kind, LossParams(), -100, scale, want_pred_grad=True)
@@ -220,24 +221,12 @@ def part_bandwidth(mode: str, device) -> dict:
 
 
 def _interleaved(steps: dict, repeats: int, device) -> dict:
-    """Median, min and max seconds per step over `repeats` rounds, each round running every step once
-    (in turn, so that drifting load hits all alike), after one warm-up round."""
-    import torch
+    """Median, min and max seconds per step, timed as every `pretrain bench` suite times them
+    (pretrain/bench/_timing.py: interleaved rotating rounds after a warm-up; process CPU time on the
+    CPU, CUDA events on a GPU)."""
+    from pretrain.bench._timing import interleaved_seconds
 
-    def clock():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            return time.perf_counter()
-        return time.process_time()
-
-    for step in steps.values():
-        step()
-    samples = {name: [] for name in steps}
-    for _ in range(max(5, repeats)):
-        for name, step in steps.items():
-            start = clock()
-            step()
-            samples[name].append(clock() - start)
+    samples = interleaved_seconds(steps, repeats, device)
     return {name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s)} for name, s in samples.items()}
 
 
