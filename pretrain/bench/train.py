@@ -79,9 +79,8 @@ class TimedModel:
 
     def __init__(self, cfg, vocab_size: int, device: torch.device, batch_size: int, seq_len: int, optimizer: str) -> None:
         torch.manual_seed(0)
-        # The same rule as the trainer: the softmax head needs the table too when embeddings start from it.
-        needs_table = cfg.model.head == "continuous" or cfg.model.init_embeddings_from_targets
-        table = F.normalize(torch.randn(vocab_size, cfg.targets.dim), dim=1) if needs_table else None
+        # The same rule as the trainer: the softmax head needs the table too when the input embedding uses it.
+        table = F.normalize(torch.randn(vocab_size, cfg.targets.dim), dim=1) if cfg.reads_target_table else None
         self.model = build_model(cfg, vocab_size, table).to(device).train()
         groups = self.model.param_groups(cfg.train.weight_decay, cfg.train.lr)
         self.optimizer = (torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas) if optimizer == "default"
