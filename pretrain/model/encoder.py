@@ -107,7 +107,8 @@ class Embeddings(nn.Module):
     def token_vectors(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.input_table is None:
             return self.tok_emb(input_ids)
-        return self.adapter(F.embedding(input_ids, self.input_table))
+        # ZeRO-3 casts parameters to bf16 but leaves buffers as they are: the rows follow the adapter.
+        return self.adapter(F.embedding(input_ids, self.input_table).to(self.adapter.weight.dtype))
 
     @torch.no_grad()
     def token_table(self) -> torch.Tensor:
