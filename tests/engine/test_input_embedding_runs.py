@@ -1,11 +1,10 @@
 """model.input_embedding=targets under DeepSpeed (2 processes): ZeRO-2, ZeRO-3 + bf16, learned targets and the
 pipeline train with ranks in sync and resume exactly; export folds the adapter into an ordinary embedding."""
 import json
-import shutil
 
 import pytest
 import torch
-from engine_launch import launch, metrics_rows
+from engine_launch import assert_resumes_exactly_from_step_8, metrics_rows
 
 from pretrain.downstream import export as ex
 from pretrain.engine import checkpoint as ckpt
@@ -49,19 +48,7 @@ def test_table_input_run_resumes_exactly_from_its_step_8_checkpoint(engine_base,
     """ZeRO-2, and ZeRO-3 with learned targets (their negatives come from the global RNG, which a resumed run
     must continue exactly): steps 9-16 after a resume equal the uninterrupted run's."""
     base, runs = engine_base
-    reference_dir = tiny_runs[name].run_dir
-    run_dir = tmp_path / name
-    shutil.copytree(reference_dir, run_dir)
-    ckpt_dir = run_dir / ckpt.CHECKPOINTS
-    shutil.rmtree(ckpt_dir / "step-00000016")
-    (ckpt_dir / ckpt.LATEST).write_text("step-00000008")
-    job = launch(["train", str(base), *runs[name], f"train.run_dir={run_dir}", f"train.run_name={name}"], 2, tmp_path / "logs")
-    assert job.wait() == [0, 0], job.output()
-    resumed, reference = metrics_rows(run_dir), metrics_rows(reference_dir)
-    assert [r["step"] for r in resumed] == list(range(1, 17))
-    for ours, theirs in zip(resumed[8:], reference[8:]):
-        assert {k: ours[k] for k in PER_STEP} == {k: theirs[k] for k in PER_STEP}, f"step {ours['step']}"
-    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert_resumes_exactly_from_step_8(base, runs[name], tiny_runs[name].run_dir, tmp_path, PER_STEP)
 
 
 def test_learned_targets_runs_are_rebuilt_on_the_source_table(tiny_runs):
