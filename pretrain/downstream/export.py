@@ -94,12 +94,14 @@ def write_export(
     extra_files: list[str] = (),
     extra: Mapping[str, Any] | None = None,
     hf_files: bool = False,
+    hf_tokenizer_from: Path | None = None,
 ) -> Path:
     """Write the export files; config.json (with the hash of every other file) goes last.
 
     extra_files: names of files already written into out_dir that config.json should hash too.
     hf_files: also write what Hugging Face tools load (needs a real SentencePiece tokenizer and a
-    full config: `model`, `tokenizer` sections, special_ids in extra).
+    full config: `model`, `tokenizer` sections, special_ids in extra); hf_tokenizer_from: an export of
+    the same tokenizer whose converted tokenizer.json is reused.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -121,7 +123,8 @@ def write_export(
         from pretrain.downstream.hf_files import hf_config, write_hf_files
 
         manifest |= hf_config(config["model"], vocab_size, manifest["special_ids"])
-        hf_names = write_hf_files(out_dir, load_tokenizer(tokenizer_path), config["tokenizer"]["model_type"], config["model"])
+        hf_names = write_hf_files(out_dir, load_tokenizer(tokenizer_path), config["tokenizer"]["model_type"], config["model"],
+                                   converted_in=hf_tokenizer_from)
     save_weights(out_dir / WEIGHTS_FILE, state_dict, dtype, metadata={CONFIG_SIGNATURE_KEY: config_signature(manifest)})
     copies = {TOKENIZER_FILE: tokenizer_path}
     if targets_path is not None:
