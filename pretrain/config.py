@@ -133,6 +133,12 @@ class ModelConfig(Section):
     tie_softmax: bool = False
     # Initialise input embeddings from the target table (needs d_model == targets.dim, else projected).
     init_embeddings_from_targets: bool = False
+    # The encoder's token embedding: "learned" (a V x d_model table) or "targets" (the frozen target
+    # table, V x targets.dim unit rows, through a learned targets.dim -> d_model linear adapter): then
+    # nothing V-sized has a gradient or optimizer state, under any ZeRO stage, precision or pipeline.
+    # With learned targets the encoder reads the initial (source) table. Export materialises it into
+    # an ordinary V x d_model embedding. init_embeddings_from_targets has nothing to do then.
+    input_embedding: Literal["learned", "targets"] = "learned"
     mask_prob: float = Field(0.15, gt=0, lt=1)
 
     @model_validator(mode="after")
@@ -300,6 +306,15 @@ class Config(Section):
                                  "train.pipeline_stages=1 and model.tie_softmax=false (offending: "
                                  f"{', '.join(k for k, on in blockers.items() if on)}); change those or set "
                                  "train.sparse_embedding=false")
+        if self.model.input_embedding == "targets":
+            # There is no V x d_model table to make sparse or to tie: refuse rather than ignore. (It
+            # starts from the target table by construction, so init_embeddings_from_targets is moot.)
+            conflicts = {"train.sparse_embedding": self.train.sparse_embedding,
+                         "model.tie_softmax": self.model.head == "softmax" and self.model.tie_softmax}
+            for key, on in conflicts.items():
+                if on:
+                    raise ValueError(f"model.input_embedding=targets reads the frozen target table and has no learned "
+                                     f"V x d_model embedding for {key}=true; set {key}=false or model.input_embedding=learned")
         if self.train.pipeline_stages > 1:
             unsupported = {
                 "model.tie_softmax": self.model.head == "softmax" and self.model.tie_softmax,
@@ -315,6 +330,12 @@ class Config(Section):
                                  f"{self.model.n_layers}: every stage needs at least one transformer block")
         # model.max_seq_len against the shards' seq_len: checked before training, from the manifest.
         return self
+
+    @property
+    def reads_target_table(self) -> bool:
+        """Whether building the model needs the target table (the loss, the input embedding or its init)."""
+        return (self.model.head == "continuous" or self.model.init_embeddings_from_targets
+                or self.model.input_embedding == "targets")
 
     # Derived locations -------------------------------------------------------------------------
     @property

@@ -59,9 +59,12 @@ def tiny_runs(tiny_data, tmp_path_factory):
     2 processes each, 16 steps, checkpoints at steps 8 and 16, tiny encoder (d_model 32, 2 layers),
     random target table (dim 16, vmf_practice loss). Names: "zero2", "zero3" (continuous head, masked),
     "softmax" (ZeRO-2, softmax head), "zero1" (causal, bf16, grad_accum 2), "zero0" (bf16), "sparse" (ZeRO-0, causal, row-sparse input embedding), "pipeline" (2 stages, ZeRO-1), "learned" (ZeRO-3, learned
-    targets, contrastive remedy: meta["targets_path"] names the checkpoint's own targets.safetensors).
-    See tests/engine/tiny_runs.py; about 40 s on 2 cores.
+    targets, contrastive remedy: meta["targets_path"] names the checkpoint's own targets.safetensors),
+    "table_input", "table_input_softmax", "table_input_learned", "table_input_pipeline" (model.input_embedding=targets
+    under ZeRO-2, ZeRO-3 + bf16 softmax, ZeRO-3 learned targets, 2 pipeline stages).
+    See tests/engine/tiny_runs.py; about 60 s on 2 cores.
     """
+    import json
     import subprocess
     import sys
     import types
@@ -72,8 +75,8 @@ def tiny_runs(tiny_data, tmp_path_factory):
     data_config = save_resolved(tiny_data, out, name="tiny_data.yaml")
     script = REPO_ROOT / "tests" / "engine" / "tiny_runs.py"
     subprocess.run([sys.executable, str(script), str(out), str(data_config)], check=True, timeout=900)
-    names = ["zero2", "zero3", "softmax", "zero1", "zero0", "sparse", "pipeline", "learned"]
-    return {n: types.SimpleNamespace(run_dir=out / n, cfg=load_config(out / n / "config.resolved.yaml")) for n in names}
+    runs = json.loads((out / "runs.json").read_text())
+    return {n: types.SimpleNamespace(run_dir=Path(d), cfg=load_config(Path(d) / "config.resolved.yaml")) for n, d in runs.items()}
 
 
 @pytest.fixture(scope="session")

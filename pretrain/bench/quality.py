@@ -397,7 +397,8 @@ def compare_to_softmax(rows: dict[str, dict], hits: dict[str, dict[str, np.ndarr
 def export_encoder(model, cfg, out_dir: Path, table_path: str) -> Path:
     """The encoder as a `pretrain export` directory (a softmax model carries it: the head is unused)."""
     from pretrain.data.manifest import load_manifest
-    from pretrain.downstream.export import TOKENIZER_FILE, write_export
+    from pretrain.downstream.export import TOKENIZER_FILE, with_learned_input_embedding, write_export
+    model, cfg = with_learned_input_embedding(model, cfg)  # a table-input encoder as an ordinary one
     carrier_cfg = cfg.model_copy(deep=True)
     carrier_cfg.model.head = "softmax"
     carrier_cfg.model.tie_softmax = False

@@ -9,13 +9,17 @@ embedding of both is not):
            train.sparse_embedding=true; pretrain/engine/optim.py)
   fused    torch's fused AdamW on every parameter (the trainer's default)
   default  torch.optim.AdamW with torch's defaults (a Python loop over tensors on CPU)
+--input-embedding targets gives every model the frozen target table through a learned D -> d_model
+adapter as its input embedding (model.input_embedding=targets: nothing V-sized is trained but the
+softmax head's output layer; with --optimizer fused or default, as under ZeRO-1/2/3).
 
 Each full step (forward, backward, optimizer) is timed phase by phase; the models take turns round
 by round (pretrain/bench/_timing.py: process CPU time on CPU, CUDA events on GPU, median [min, max]
 of --repeats). Beside each measured continuous / softmax ratio stands the FLOP-ideal one: the
 ratio of the two steps' matmul FLOPs per token (encoder 6 x non-embedding weights, attention
-12 x layers x seq_len x d_model, head 6 x d_model x V or D); the optimizer and the embedding
-lookup are not in it, so a gap between the two is what they cost.
+12 x layers x seq_len x d_model, head 6 x d_model x V or D, the table input's adapter 4 x D x d_model:
+its input needs no gradient); the optimizer and the embedding lookup are not in it, so a gap between
+the two is what they cost.
 
 --engine also times the continuous model wrapped in the DeepSpeed engine the trainer uses (one
 process, the config's ZeRO stage) against the bare PyTorch step: the engine's own overhead.
@@ -43,6 +47,8 @@ HEADS = {"continuous": ["model.head=continuous", "loss.fused_head=false"], "cont
          "softmax": ["model.head=softmax", "model.tie_softmax=false"]}
 OPTIMIZERS = {"sparse": ["train.sparse_embedding=true", "train.zero_stage=0", "train.precision=fp32"],
               "fused": ["train.sparse_embedding=false"], "default": ["train.sparse_embedding=false"]}
+INPUT_EMBEDDINGS = {"learned": ["model.input_embedding=learned"],
+                    "targets": ["model.input_embedding=targets", "train.sparse_embedding=false"]}
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -57,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed rounds, every model one step per round (median [min, max]; 9: steady on a loaded 2-core machine)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of every model first")
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sparse", help="the optimizer of every model (see above)")
+    parser.add_argument("--input-embedding", choices=list(INPUT_EMBEDDINGS), default="learned",
+                        help="every model's input embedding: a learned V x d_model table, or the frozen target table + "
+                             "a learned adapter (model.input_embedding=targets; needs --optimizer fused or default)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--heads", default=",".join(HEADS), help=f"which of {','.join(HEADS)}")
     parser.add_argument("--engine", action="store_true", help="also the DeepSpeed engine's overhead over a bare step (continuous head)")
@@ -71,7 +80,8 @@ def flops_per_token(cfg, vocab_size: int, seq_len: int) -> float:
     encoder = m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff)
     attention = m.n_layers * 2 * seq_len * m.d_model  # QK^T and AV, per token
     head = m.d_model * (vocab_size if m.head == "softmax" else cfg.targets.dim)
-    return 6.0 * (encoder + attention + head)
+    adapter = 4.0 * cfg.targets.dim * m.d_model if m.input_embedding == "targets" else 0.0
+    return 6.0 * (encoder + attention + head) + adapter
 
 
 class TimedModel:
@@ -79,9 +89,8 @@ class TimedModel:
 
     def __init__(self, cfg, vocab_size: int, device: torch.device, batch_size: int, seq_len: int, optimizer: str) -> None:
         torch.manual_seed(0)
-        # The same rule as the trainer: the softmax head needs the table too when embeddings start from it.
-        needs_table = cfg.model.head == "continuous" or cfg.model.init_embeddings_from_targets
-        table = F.normalize(torch.randn(vocab_size, cfg.targets.dim), dim=1) if needs_table else None
+        # The same rule as the trainer: the softmax head needs the table too when the input embedding uses it.
+        table = F.normalize(torch.randn(vocab_size, cfg.targets.dim), dim=1) if cfg.reads_target_table else None
         self.model = build_model(cfg, vocab_size, table).to(device).train()
         groups = self.model.param_groups(cfg.train.weight_decay, cfg.train.lr)
         self.optimizer = (torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas) if optimizer == "default"
@@ -241,9 +250,13 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--vocab-sizes {args.vocab_sizes!r}: give comma-separated integers, e.g. 4000,16000,64000") from None
     if args.repeats < MIN_REPEATS:
         raise ValueError(f"--repeats {args.repeats}: a median with [min, max] needs at least {MIN_REPEATS} repeats")
+    if args.input_embedding == "targets" and args.optimizer == "sparse":
+        raise ValueError("--input-embedding targets has no learned V x d_model table to update sparsely: "
+                         "use --optimizer fused (or default)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    common = [*args.overrides, f"model.objective={args.objective}", *OPTIMIZERS[args.optimizer]]
+    common = [*args.overrides, f"model.objective={args.objective}", *OPTIMIZERS[args.optimizer],
+              *INPUT_EMBEDDINGS[args.input_embedding]]
     base = load_config(args.config, common)
     seq_len = args.seq_len or base.model.max_seq_len
     allocator = pin_allocator()
@@ -265,6 +278,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": str(device),
         "clock": clock_name(device),
         "optimizer": args.optimizer,
+        "input_embedding": args.input_embedding,
         "objective": args.objective,
         "loss": base.loss.name,
         "model": {k: getattr(base.model, k) for k in ("d_model", "n_layers", "n_heads", "d_ff")},

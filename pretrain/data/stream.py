@@ -388,8 +388,12 @@ class ResumableLoader:
             items = iter(dataset)
         else:
             with loader_children():  # deaf to SLURM's / torchrun's signals, dying with this process
+                # The workers' base seed comes from a private generator, not the global RNG: a resumed
+                # run, whose first batch starts a new iterator, then draws the random numbers of the
+                # uninterrupted run (learned targets' negatives, dropout). The data do not depend on it.
                 items = iter(DataLoader(dataset, batch_size=None, num_workers=spec.num_workers,
-                                        multiprocessing_context=worker_start_context(), worker_init_fn=init_loader_worker))
+                                        multiprocessing_context=worker_start_context(), worker_init_fn=init_loader_worker,
+                                        generator=torch.Generator().manual_seed(spec.seed)))
         for item in items:
             state = item.pop("_state")
             self._states[state["worker"]] = state

@@ -345,12 +345,18 @@ def _run_table(cfg, meta: dict, run_dir: Path, tokenizer_sha: str, vocab_size: i
             except ValueError as exc:
                 log.warning("not exporting %s with this softmax run: %s", path, exc)
         return None
+    return path, _checked_table(path, meta["targets_sha256"], run_dir, tokenizer_sha, vocab_size)
+
+
+def _checked_table(path: Path, sha256: str, run_dir: Path, tokenizer_sha: str, vocab_size: int) -> torch.Tensor:
+    from pretrain.targets.table import load_target_table
+
     if not path.is_file():
         raise FileNotFoundError(f"target table {path} of run {run_dir} not found; run the export from the directory the run was trained in")
-    if file_sha256(path) != meta["targets_sha256"]:
+    if file_sha256(path) != sha256:
         raise ValueError(f"{path} changed since run {run_dir} was trained (sha256 differs from the checkpoint's meta.json); "
                          "export needs the table the run used (rebuild it with the run's config, or retrain)")
-    return path, load_target_table(path, tokenizer_sha256=tokenizer_sha, vocab_size=vocab_size)[0]
+    return load_target_table(path, tokenizer_sha256=tokenizer_sha, vocab_size=vocab_size)[0]
 
 
 @dataclass
@@ -388,10 +394,38 @@ def load_run_model(run_dir: str | Path, *, tag: str | None = None) -> RunModel:
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer.get_piece_size()
     targets_path, table = _run_table(cfg, meta, run_dir, tokenizer_sha, vocab_size) or (None, None)
+    if cfg.targets.learned and cfg.model.input_embedding == "targets":
+        # The encoder's input read the source table all along (the learned one is in the weights).
+        table = _checked_table(cfg.targets_path, meta["source_targets_sha256"], run_dir, tokenizer_sha, vocab_size)
     # Fails before anything is written if the consolidated weights do not fit the architecture.
     model = build_model(cfg, vocab_size, target_table=table, special_ids=data_manifest.get("special_ids"))
     model.load_state_dict(match_state(state_dict, model.state_dict(), f"checkpoint of {run_dir}"), strict=True)
     return RunModel(model.float().eval(), cfg, meta, tokenizer, tokenizer_path, tokenizer_sha, targets_path, data_manifest)
+
+
+def with_learned_input_embedding(model, cfg) -> tuple[torch.nn.Module, Config]:
+    """(model, cfg) computing the same function with an ordinary V x d_model input embedding.
+
+    A model.input_embedding=targets model's adapter over the frozen table is folded into
+    encoder.embed.tok_emb (adapter(table), every row): the export then loads, fine-tunes and runs in
+    Hugging Face tools like any other, and does not depend on the source table.
+    """
+    from pretrain.model import build_model
+
+    if cfg.model.input_embedding == "learned":
+        return model, cfg
+    out_cfg = cfg.model_copy(deep=True)
+    out_cfg.model.input_embedding = "learned"
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.embed.adapter.")}
+    state["encoder.embed.tok_emb.weight"] = model.encoder.embed.token_table()
+    # The table argument serves the loss and the (overwritten) learned targets, not the input any more;
+    # every initial value is overwritten, so no embedding init from the table (a softmax model has none).
+    build_cfg = out_cfg.model_copy(deep=True)
+    build_cfg.model.init_embeddings_from_targets = False
+    out = build_model(build_cfg, state["encoder.embed.tok_emb.weight"].shape[0], target_table=model.target_table,
+                      special_ids=model.objective.special_ids)
+    out.load_state_dict(state, strict=True)
+    return out.to(model.encoder.embed.pos_emb.weight.dtype).eval(), out_cfg
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32", tag: str | None = None) -> Path:
@@ -402,9 +436,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run = load_run_model(run_dir, tag=tag)
-    model, cfg, meta, targets_path, data_manifest = run.model, run.cfg, run.meta, run.targets_path, run.data_manifest
+    model, cfg = with_learned_input_embedding(run.model, run.cfg)
+    meta, targets_path, data_manifest = run.meta, run.targets_path, run.data_manifest
     vocab_size = run.tokenizer.get_piece_size()
     source = {
+        "input_embedding": run.cfg.model.input_embedding,
         "run_dir": str(run_dir),
         "tag": meta.get("tag", tag),
         "step": meta.get("step"),

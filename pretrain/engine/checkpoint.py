@@ -429,7 +429,7 @@ def _with_fp32_master_weights(saved: dict, cfg, vocab_size: int) -> dict:
     layout = cfg.model_copy(deep=True)
     layout.model.init_embeddings_from_targets = False  # changes values, not the parameter order
     with torch.device("meta"):
-        table = torch.empty(vocab_size, cfg.targets.dim) if cfg.model.head == "continuous" else None
+        table = torch.empty(vocab_size, cfg.targets.dim) if layout.reads_target_table else None
         model = build_model(layout, vocab_size, table)
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for group in model.param_groups(0.0, 1.0) for p in group["params"]]

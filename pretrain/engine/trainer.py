@@ -72,10 +72,9 @@ def load_run_inputs(cfg: Config, world_size: int) -> RunInputs:
     tokenizer_path = data_dir / manifest.get("tokenizer_file", "tokenizer.model")
     tokenizer_sha = file_sha256(tokenizer_path)
     pieces = load_tokenizer(tokenizer_path).get_piece_size()
-    needs_table = cfg.model.head == "continuous" or cfg.model.init_embeddings_from_targets
     table = table_meta = None
     hashes = {"tokenizer_sha256": tokenizer_sha, "manifest_sha256": manifest_sha256(data_dir)}
-    if needs_table:
+    if cfg.reads_target_table:
         table, table_meta = load_target_table(cfg.targets_path)
         hashes.update(targets_sha256=file_sha256(cfg.targets_path), targets_path=str(cfg.targets_path))
     check_run_inputs(cfg, manifest, tokenizer_pieces=pieces, tokenizer_sha256=tokenizer_sha,

@@ -19,16 +19,21 @@ def build_model(cfg, vocab_size: int, target_table: torch.Tensor | None = None, 
                 special_ids: dict | None = None) -> PretrainModel:
     """A PretrainModel from the `model`, `loss` and `targets` sections of a Config.
 
-    target_table [V, D] (unit rows) is required for the continuous head's loss and for
-    model.init_embeddings_from_targets; special_ids default to those of docs/INTERFACES.md.
+    target_table [V, D] (unit rows) is required for the continuous head's loss, for
+    model.input_embedding=targets and for model.init_embeddings_from_targets; special_ids default to
+    those of docs/INTERFACES.md.
     """
     mcfg = cfg.model
     if target_table is not None and target_table.shape[0] != vocab_size:
         raise ValueError(f"target table has {target_table.shape[0]} rows but the vocabulary has {vocab_size} pieces; "
                          "rebuild the targets for this tokenizer (pretrain targets)")
+    if mcfg.input_embedding == "targets" and target_table is None:
+        raise ValueError("model.input_embedding=targets needs the target table (build it with `pretrain targets`)")
+    # With learned targets, target_table is the initial (source) table: the input stays on it.
     encoder = Encoder(vocab_size, mcfg.d_model, mcfg.n_layers, mcfg.n_heads, mcfg.d_ff, mcfg.max_seq_len,
-                      mcfg.dropout, causal=mcfg.objective == "causal", sparse_embedding=cfg.train.sparse_embedding)
-    if mcfg.init_embeddings_from_targets:
+                      mcfg.dropout, causal=mcfg.objective == "causal", sparse_embedding=cfg.train.sparse_embedding,
+                      input_table=target_table if mcfg.input_embedding == "targets" else None)
+    if mcfg.init_embeddings_from_targets and mcfg.input_embedding == "learned":
         if target_table is None:
             raise ValueError("model.init_embeddings_from_targets needs the target table (build it with `pretrain targets`)")
         init_embeddings_from_table(encoder.embed.tok_emb.weight, target_table, seed=cfg.train.seed)

@@ -80,34 +80,61 @@ class Block(nn.Module):
 class Embeddings(nn.Module):
     """Token + learned absolute position embeddings.
 
-    sparse_tokens: the token table's gradient is row-sparse (only the batch's ids), so the optimizer
+    The token vectors come from a learned V x d_model table (``tok_emb``), or, given ``input_table``
+    (model.input_embedding=targets), from the frozen target table (V x D unit rows, a non-persistent
+    buffer: not in the checkpoint, no gradient, no optimizer state) through ``adapter``, a learned
+    D -> d_model linear map. The adapter has no bias (the position embeddings already add a learned
+    vector at every position) and no LayerNorm (the first block normalises its input; a plain linear
+    map also lets export fold it into an ordinary table, ``token_table``). Its GPT-2 init N(0, 0.02)
+    on unit rows gives token vectors of the learned table's scale (std 0.02 per component).
+
+    sparse_tokens: the learned table's gradient is row-sparse (only the batch's ids), so the optimizer
     can update those rows alone (pretrain.engine.optim.RowSparseAdamW) instead of all V of them.
     """
 
     def __init__(self, vocab_size: int, d_model: int, max_seq_len: int, dropout: float,
-                 sparse_tokens: bool = False) -> None:
+                 sparse_tokens: bool = False, input_table: torch.Tensor | None = None) -> None:
         super().__init__()
         self.max_seq_len = max_seq_len
-        self.tok_emb = nn.Embedding(vocab_size, d_model, sparse=sparse_tokens)
+        self.register_buffer("input_table", input_table, persistent=False)
+        if input_table is None:
+            self.tok_emb = nn.Embedding(vocab_size, d_model, sparse=sparse_tokens)
+        else:
+            self.adapter = nn.Linear(input_table.shape[1], d_model, bias=False)
         self.pos_emb = nn.Embedding(max_seq_len, d_model)
         self.drop = nn.Dropout(dropout)
+
+    def token_vectors(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.input_table is None:
+            return self.tok_emb(input_ids)
+        # ZeRO-3 casts parameters to bf16 but leaves buffers as they are: the rows follow the adapter.
+        return self.adapter(F.embedding(input_ids, self.input_table).to(self.adapter.weight.dtype))
+
+    @torch.no_grad()
+    def token_table(self) -> torch.Tensor:
+        """Every token's vector [V, d_model]: what an ordinary ``tok_emb`` would hold (used by export)."""
+        if self.input_table is None:
+            return self.tok_emb.weight.detach()
+        return self.adapter(self.input_table.to(self.adapter.weight.dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
         if length > self.max_seq_len:
             raise ValueError(f"input has {length} positions but model.max_seq_len is {self.max_seq_len}")
         positions = torch.arange(length, device=input_ids.device)
-        return self.drop(self.tok_emb(input_ids) + self.pos_emb(positions))
+        return self.drop(self.token_vectors(input_ids) + self.pos_emb(positions))
 
 
 class Encoder(nn.Module):
     """Embeddings -> n pre-norm blocks -> final LayerNorm."""
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, d_ff: int,
-                 max_seq_len: int, dropout: float, causal: bool, sparse_embedding: bool = False) -> None:
+                 max_seq_len: int, dropout: float, causal: bool, sparse_embedding: bool = False,
+                 input_table: torch.Tensor | None = None) -> None:
         super().__init__()
         self.causal = causal
-        self.embed = Embeddings(vocab_size, d_model, max_seq_len, dropout, sparse_tokens=sparse_embedding)
+        self.embed = Embeddings(vocab_size, d_model, max_seq_len, dropout, sparse_tokens=sparse_embedding,
+                                input_table=input_table)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.reset_parameters()

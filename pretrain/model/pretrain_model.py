@@ -34,9 +34,23 @@ class PretrainModel(nn.Module):
         self.loss_params = loss_params(loss_cfg) if self.continuous else {}
         self.learned_targets = learned_targets
         # Frozen targets are a non-persistent buffer: they follow the module to its device, but the
-        # checkpoint does not carry a second copy of the table (its sha256 is in meta.json).
+        # checkpoint does not carry a second copy of the table (its sha256 is in meta.json). When the
+        # encoder reads the same table as its input embedding (model.input_embedding=targets), the
+        # loss uses the encoder's buffer: one copy in memory, moved once.
         frozen = target_table if self.continuous and learned_targets is None else None
-        self.register_buffer("frozen_table", frozen, persistent=False)
+        self.shares_input_table = frozen is not None and encoder.embed.input_table is frozen
+        self.register_buffer("_frozen_table", None if self.shares_input_table else frozen, persistent=False)
+
+    @property
+    def frozen_table(self) -> torch.Tensor | None:
+        return self.encoder.embed.input_table if self.shares_input_table else self._frozen_table
+
+    @frozen_table.setter
+    def frozen_table(self, table: torch.Tensor) -> None:  # the pipeline's last stage moves it to its device
+        if self.shares_input_table:
+            self.encoder.embed.input_table = table
+        else:
+            self._frozen_table = table
 
     # Inference -----------------------------------------------------------------------------------
     @property

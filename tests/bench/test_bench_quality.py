@@ -71,6 +71,22 @@ def test_unknown_variant_and_missing_softmax_are_refused():
         quality.parse_corpora(["docs=/no/such/dir"])
 
 
+def test_a_table_input_encoder_is_exported_for_fine_tuning_as_an_ordinary_one(tiny_targets, tmp_path):
+    """model.input_embedding=targets: the downstream export folds the adapter into tok_emb, same hidden states."""
+    from pretrain.downstream.export import load_encoder
+    from pretrain.targets.table import load_target_table
+
+    cfg = tiny_targets.model_copy(deep=True)
+    cfg.model.input_embedding = "targets"
+    table, _ = load_target_table(cfg.targets_path)
+    model = quality.build_variant(cfg, [], table.shape[0], table, None, None).eval()
+    exported, _ = load_encoder(quality.export_encoder(model, cfg, tmp_path / "export", str(cfg.targets_path)))
+    assert exported.encoder.embed.input_table is None and exported.encoder.embed.tok_emb.weight.shape[0] == table.shape[0]
+    ids = torch.randint(5, table.shape[0], (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.encode(ids), model.encode(ids), atol=1e-5, rtol=1e-5)
+
+
 # The --small study ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

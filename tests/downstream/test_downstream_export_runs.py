@@ -36,8 +36,7 @@ def _digest(module: torch.nn.Module) -> str:
 def _engine_model(run_dir, tag=None):
     """The model rebuilt from the engine's consolidated fp32 state dict (load_model_state)."""
     state, cfg, meta = load_model_state(run_dir, tag=tag)
-    uses_table = cfg.model.head == "continuous" or cfg.model.init_embeddings_from_targets
-    table = load_target_table(meta.get("targets_path") or cfg.targets_path)[0] if uses_table else None
+    table = load_target_table(meta.get("targets_path") or cfg.targets_path)[0] if cfg.reads_target_table else None
     model = build_model(cfg, meta["vocab_size"], table)
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg

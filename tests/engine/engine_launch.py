@@ -105,3 +105,26 @@ def hold_run_lock(run_dir: Path, job_id: str = "4242") -> subprocess.Popen:
                             env={**os.environ, "SLURM_JOB_ID": job_id})
     assert proc.stdout.readline().strip() == "HELD"
     return proc
+
+
+def assert_resumes_exactly_from_step_8(base: Path, overrides: list[str], reference_dir: Path, tmp_path: Path,
+                                       keys: tuple[str, ...]) -> None:
+    """A copy of a 16-step tiny run cut back to its step-8 checkpoint, trained on by 2 processes: steps 9-16
+    must log exactly the uninterrupted run's `keys`."""
+    import shutil
+
+    from pretrain.engine import checkpoint as ckpt
+
+    run_dir = tmp_path / reference_dir.name
+    shutil.copytree(reference_dir, run_dir)
+    ckpt_dir = run_dir / ckpt.CHECKPOINTS
+    shutil.rmtree(ckpt_dir / "step-00000016")
+    (ckpt_dir / ckpt.LATEST).write_text("step-00000008")
+    job = launch(["train", str(base), *overrides, f"train.run_dir={run_dir}", f"train.run_name={reference_dir.name}"], 2,
+                 tmp_path / "logs")
+    assert job.wait() == [0, 0], job.output()
+    resumed, reference = metrics_rows(run_dir), metrics_rows(reference_dir)
+    assert [r["step"] for r in resumed] == list(range(1, 17))
+    for ours, theirs in zip(resumed[8:], reference[8:]):
+        assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}, f"step {ours['step']}"
+    assert "resumed from" in (run_dir / "train.log").read_text()

@@ -1,6 +1,8 @@
 """`pretrain bench train`: every head at every vocabulary size, phases, FLOP-ideal ratio, engine overhead."""
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -70,3 +72,20 @@ def test_engine_overhead_is_measured_against_the_bare_step(capsys):
     # One replica: DeepSpeed's own gradient all-reduce (and the sparse all-gathers) are off; the NaN guard's
     # flag and the clipping norm remain.
     assert engine["single_replica_allreduce_skipped"] and "all_gather" not in engine["collectives_per_step"]
+
+
+def test_table_input_runs_both_heads_with_nothing_vocabulary_sized_in_the_continuous_model():
+    """--input-embedding targets: the frozen table + adapter for every model; the ZeRO-2 engine takes it too
+    (its own process: DeepSpeed keeps a cached world group that a second engine in one process trips on)."""
+    argv = ["bench", "train", "--vocab-sizes", "400", "--heads", "continuous,softmax", "--optimizer", "fused",
+            "--input-embedding", "targets", "--engine", *TINY, "train.zero_stage=2"]
+    done = subprocess.run([sys.executable, "-m", "pretrain", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["input_embedding"] == "targets" and result["engine"]["zero_stage"] == 2
+    assert result["results"][0]["ratio_continuous_over_softmax"] > 0 and result["engine"]["deepspeed"]["step_ms"] > 0
+    cfg = load_config(None, [*TINY[8:], *bench_train.INPUT_EMBEDDINGS["targets"], *bench_train.HEADS["continuous"]])
+    model = bench_train.TimedModel(cfg, 400, bench_train.torch.device("cpu"), 2, 8, "fused").model
+    assert not [n for n, p in model.named_parameters() if 400 in p.shape]
+    with pytest.raises(ValueError, match="--input-embedding targets has no learned V x d_model table .* --optimizer fused"):
+        _run(["--vocab-sizes", "50", "--input-embedding", "targets"])

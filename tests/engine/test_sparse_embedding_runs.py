@@ -1,11 +1,9 @@
 """train.sparse_embedding under DeepSpeed (ZeRO-0, 2 processes): ranks in sync, exact resume."""
 import json
-import shutil
 
 import pytest
-from engine_launch import launch, metrics_rows
+from engine_launch import assert_resumes_exactly_from_step_8, launch, metrics_rows
 
-from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.checkpoint import load_model_state
 
 pytestmark = pytest.mark.multiproc
@@ -27,19 +25,7 @@ def test_sparse_run_trains_in_sync_and_consolidates(tiny_runs):
 def test_sparse_run_resumes_exactly_from_its_step_8_checkpoint(engine_base, tiny_runs, tmp_path):
     """Steps 9-16 after a resume from step 8 (weights, lazy moments, step counts) equal the uninterrupted run's."""
     base, runs = engine_base
-    reference_dir = tiny_runs["sparse"].run_dir
-    run_dir = tmp_path / "sparse"
-    shutil.copytree(reference_dir, run_dir)
-    ckpt_dir = run_dir / ckpt.CHECKPOINTS
-    shutil.rmtree(ckpt_dir / "step-00000016")
-    (ckpt_dir / ckpt.LATEST).write_text("step-00000008")
-    job = launch(["train", str(base), *runs["sparse"], f"train.run_dir={run_dir}", "train.run_name=sparse"], 2, tmp_path / "logs")
-    assert job.wait() == [0, 0], job.output()
-    resumed, reference = metrics_rows(run_dir), metrics_rows(reference_dir)
-    assert [r["step"] for r in resumed] == list(range(1, 17))
-    for ours, theirs in zip(resumed[8:], reference[8:]):
-        assert {k: ours[k] for k in PER_STEP} == {k: theirs[k] for k in PER_STEP}, f"step {ours['step']}"
-    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert_resumes_exactly_from_step_8(base, runs["sparse"], tiny_runs["sparse"].run_dir, tmp_path, PER_STEP)
 
 
 def test_one_process_sparse_run_trains_without_deepspeeds_self_allreduce(engine_base, tmp_path):

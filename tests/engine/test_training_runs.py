@@ -68,8 +68,7 @@ def test_load_model_state_gives_the_plain_model(tiny_runs, name):
     assert meta["step"] == 16 and cfg.model == run.cfg.model
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
     table, _ = load_target_table(meta.get("targets_path") or cfg.targets_path)
-    uses_table = cfg.model.head == "continuous" or cfg.model.init_embeddings_from_targets
-    model = build_model(cfg, meta["vocab_size"], table if uses_table else None)
+    model = build_model(cfg, meta["vocab_size"], table if cfg.reads_target_table else None)
     model.load_state_dict(state, strict=True)
     earlier, _, _ = load_model_state(run.run_dir / ckpt.CHECKPOINTS, tag="step-00000008")
     assert not torch.equal(earlier["encoder.embed.tok_emb.weight"], state["encoder.embed.tok_emb.weight"])

@@ -32,8 +32,14 @@ RUNS = {
     "sparse": ["train.zero_stage=0", "train.sparse_embedding=true", "model.objective=causal"],
     "learned": ["train.zero_stage=3", "targets.learned=true", "targets.learned_remedy=contrastive",
                 "targets.contrastive_negatives=64"],
+    # model.input_embedding=targets (the frozen table through an adapter) under ZeRO-2, ZeRO-3 + bf16, with learned targets.
+    "table_input": ["train.zero_stage=2", "model.input_embedding=targets"],
+    "table_input_softmax": ["train.zero_stage=3", "train.precision=bf16", "model.head=softmax", "model.input_embedding=targets"],
+    "table_input_learned": ["train.zero_stage=3", "model.input_embedding=targets", "targets.learned=true",
+                            "targets.contrastive_negatives=64"],
     # Last: a pipeline engine leaves DeepSpeed's global model-parallel groups set for later engines.
     "pipeline": ["train.zero_stage=1", "train.pipeline_stages=2", "train.grad_accum=2"],
+    "table_input_pipeline": ["train.zero_stage=1", "train.pipeline_stages=2", "train.grad_accum=2", "model.input_embedding=targets"],
 }
 
 

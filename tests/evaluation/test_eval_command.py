@@ -12,7 +12,7 @@ from pretrain.evaluation.evaluate import corrupt_per_sequence
 from pretrain.evaluation.subject import from_run
 from pretrain.model import IGNORE_INDEX
 
-RUNS = ["zero2", "zero3", "softmax", "zero1", "pipeline", "learned"]
+RUNS = ["zero2", "zero3", "softmax", "zero1", "pipeline", "learned", "table_input_softmax", "table_input_learned"]
 EVAL_OVERRIDES = ["eval.max_batches=0", "eval.batch_size=64", "eval.samples_to_show=2", "tracking.enabled=false"]
 
 
