@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from pretrain_kernels.params import EPS
-from pretrain_kernels.pointwise import interpreting
+from pretrain_kernels.pointwise import EPS_C, interpreting
 
 
 @triton.jit
@@ -42,8 +42,8 @@ def _negative_search_kernel(
         e = tl.load(target_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         sum_pp += tl.sum(p * p, axis=1)
         sum_ee += tl.sum(e * e, axis=1)
-    inv_p = 1.0 / tl.maximum(tl.sqrt(sum_pp), 1e-8)
-    inv_e = 1.0 / tl.maximum(tl.sqrt(sum_ee), 1e-8)
+    inv_p = 1.0 / tl.maximum(tl.sqrt(sum_pp), EPS_C)
+    inv_e = 1.0 / tl.maximum(tl.sqrt(sum_ee), EPS_C)
 
     best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int64)

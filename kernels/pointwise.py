@@ -23,8 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pretrain_kernels.params import EPS, LOSS_NAMES, LossParams
+from pretrain_kernels.params import EPS, LOSS_NAMES, SYN_SLOPE_FLOOR, LossParams
 from pretrain_kernels.vmf_normaliser import APPROXIMATIONS, check_approx
+
+# params' constants as Triton compile-time values (a @triton.jit function reads only constexpr globals).
+EPS_C = tl.constexpr(EPS)
+INV_EPS_C = tl.constexpr(1.0 / EPS)
+SYN_SLOPE_FLOOR_C = tl.constexpr(SYN_SLOPE_FLOOR)
 
 KIND_IDS = {name: i for i, name in enumerate(LOSS_NAMES)}
 COSINE, L2, L2_RAW, VMF, VMF_REG1, VMF_REG2, VMF_PRACTICE, MARGIN, SYN_ORTH, SYN_DIFF = range(len(LOSS_NAMES))
@@ -109,8 +114,8 @@ def _pointwise_loss_kernel(
     kappa = _row_norm(p)
     norm_e = _row_norm(e)
     dot = tl.sum(p * e, axis=1)
-    inv_k = 1.0 / tl.maximum(kappa, 1e-8)
-    inv_e = 1.0 / tl.maximum(norm_e, 1e-8)
+    inv_k = 1.0 / tl.maximum(kappa, EPS_C)
+    inv_e = 1.0 / tl.maximum(norm_e, EPS_C)
     cos = dot * inv_k * inv_e
 
     # Partials of the loss: w.r.t. κ (direct), cos, pᵀe (direct), ‖e‖ (direct), and the negative's cos.
@@ -156,7 +161,7 @@ def _pointwise_loss_kernel(
         neg_ids = tl.load(neg_ids_ptr + rows, mask=valid, other=0).to(tl.int64)
         n = tl.load(table_ptr + neg_ids[:, None] * stride_table + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         norm_n = _row_norm(n)
-        inv_n = 1.0 / tl.maximum(norm_n, 1e-8)
+        inv_n = 1.0 / tl.maximum(norm_n, EPS_C)
         cos_neg = tl.sum(p * n, axis=1) * inv_k * inv_n
         hinge = margin + cos_neg - cos
         active = (hinge > 0.0).to(tl.float32)
@@ -165,8 +170,8 @@ def _pointwise_loss_kernel(
         l_cos_neg = active
     else:  # syn-margins: the negative u is synthesised from μ and ê_t (reference.py has the formulas)
         # ‖μ‖, ‖ê_t‖ as F.normalize leaves them: exactly 1, or below 1 for a norm under EPS.
-        mu_norm = tl.where(kappa >= 1e-8, 1.0, kappa * 1e8)
-        target_norm = tl.where(norm_e >= 1e-8, 1.0, norm_e * 1e8)
+        mu_norm = tl.where(kappa >= EPS_C, 1.0, kappa * INV_EPS_C)
+        target_norm = tl.where(norm_e >= EPS_C, 1.0, norm_e * INV_EPS_C)
         c = tl.minimum(tl.maximum(cos, -1.0), 1.0)
         mu = p * inv_k[:, None]
         unit_e = e * inv_e[:, None]
@@ -185,7 +190,7 @@ def _pointwise_loss_kernel(
             )
             slope = -0.5 / tl.maximum(width, 1e-30)
         # No slope through u where its direction is unresolved (params.SYN_SLOPE_FLOOR) or a row is zero.
-        slope_ok = (width > 1e-4) & (mu_norm == 1.0) & (target_norm == 1.0)
+        slope_ok = (width > SYN_SLOPE_FLOOR_C) & (mu_norm == 1.0) & (target_norm == 1.0)
         hinge = margin + neg_cos - c
         active = (hinge > 0.0).to(tl.float32)
         loss = tl.maximum(hinge, 0.0)
@@ -200,8 +205,8 @@ def _pointwise_loss_kernel(
             scale = tl.load(scale_ptr).to(tl.float32) + zero
         scale = tl.where(valid, scale, 0.0)
         # Chain rule through cos = pᵀe/(‖p‖‖e‖) (the clamped norms have zero slope below EPS).
-        dcos_dkappa = tl.where(kappa > 1e-8, -cos * inv_k, 0.0)
-        dcos_dnorm_e = tl.where(norm_e > 1e-8, -cos * inv_e, 0.0)
+        dcos_dkappa = tl.where(kappa > EPS_C, -cos * inv_k, 0.0)
+        dcos_dnorm_e = tl.where(norm_e > EPS_C, -cos * inv_e, 0.0)
         g_kappa = l_kappa + l_cos * dcos_dkappa
         g_dot = l_dot + l_cos * inv_k * inv_e
         g_norm_e = l_norm_e + l_cos * dcos_dnorm_e
@@ -211,9 +216,9 @@ def _pointwise_loss_kernel(
         dp = (g_kappa * inv_kappa_exact)[:, None] * p + g_dot[:, None] * e
         de = (g_norm_e * inv_norm_e_exact)[:, None] * e + g_dot[:, None] * p
         if KIND == 7:
-            g_kappa_neg = l_cos_neg * tl.where(kappa > 1e-8, -cos_neg * inv_k, 0.0)
+            g_kappa_neg = l_cos_neg * tl.where(kappa > EPS_C, -cos_neg * inv_k, 0.0)
             g_pn = l_cos_neg * inv_k * inv_n
-            g_norm_n = l_cos_neg * tl.where(norm_n > 1e-8, -cos_neg * inv_n, 0.0)
+            g_norm_n = l_cos_neg * tl.where(norm_n > EPS_C, -cos_neg * inv_n, 0.0)
             inv_norm_n_exact = tl.where(norm_n > 0.0, 1.0 / tl.where(norm_n > 0.0, norm_n, 1.0), 0.0)
             dp += (g_kappa_neg * inv_kappa_exact)[:, None] * p + g_pn[:, None] * n
         # Ignored rows get an explicit 0 (the buffer is uninitialised).

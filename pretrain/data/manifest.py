@@ -82,9 +82,10 @@ def split_shards(data_dir: str | Path, manifest: dict, split: str) -> list[dict]
     return shards
 
 
-def missing_or_resized_shards(data_dir: str | Path, shards: list[dict], remote: dict | None = None) -> list[str]:
+def missing_or_resized_shards(data_dir: str | Path, shards: list[dict], remote: dict | None = None,
+                              recorded_in: str = "the manifest") -> list[str]:
     """Cheap check (one stat per shard, or the sizes a remote listing gave: ``remote``): messages for
-    shards that are absent or have the wrong size."""
+    shards that are absent or have the wrong size (against the sizes ``recorded_in`` holds)."""
     problems = []
     for shard in shards:
         if remote is not None:
@@ -97,5 +98,5 @@ def missing_or_resized_shards(data_dir: str | Path, shards: list[dict], remote: 
         if size is None:
             problems.append(f"{where} is missing")
         elif size != shard["bytes"]:
-            problems.append(f"{where} has {size} bytes, the manifest says {shard['bytes']} (truncated or rewritten)")
+            problems.append(f"{where} has {size} bytes, {recorded_in} says {shard['bytes']} (truncated or rewritten)")
     return problems

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from pretrain.config import Config, save_resolved
 from pretrain.data.corpus import GZIP_MAGIC, ZSTD_MAGIC, CorpusReader, CorpusStats, corpus_reader
-from pretrain.data.manifest import FORMAT, MANIFEST_NAME, PREPARE_HINT, write_manifest
+from pretrain.data.manifest import FORMAT, MANIFEST_NAME, PREPARE_HINT, missing_or_resized_shards, write_manifest
 from pretrain.data.packing import SequencePacker
 from pretrain.data.shards import ShardWriter, remove_old_shards
 from pretrain.data.tokenizer import SPECIAL_IDS, encode_batch, file_sha256, load_tokenizer, sample_documents, train_tokenizer
@@ -363,12 +363,11 @@ def _checked_part_result(cfg: Config, part: Part, inputs: dict) -> dict:
     if result.get("part") != asdict(part):
         raise ValueError(f"{path} is for {result.get('part')}, not for part {part.index} of this corpus ({part.describe()}): the corpus or data.part_bytes changed; {rerun}")
     for split in output_splits(cfg):
-        for shard in result["splits"][split]["shards"]:
-            shard_path = data_dir / shard["name"]
-            # sizes only: re-hashing every shard would be a serial pass over the whole output, and
-            # every reader checks each shard's sha256 when it loads it
-            if not shard_path.is_file() or shard_path.stat().st_size != shard["bytes"]:
-                raise ValueError(f"shard {shard_path} of part {part.index} ({part.describe()}) is missing or not the one {path} records; {rerun}")
+        # sizes only: re-hashing every shard would be a serial pass over the whole output, and
+        # every reader checks each shard's sha256 when it loads it
+        problems = missing_or_resized_shards(data_dir, result["splits"][split]["shards"], recorded_in=str(path))
+        if problems:
+            raise ValueError(f"part {part.index} ({part.describe()}): shard {problems[0]}; {rerun}")
     return result
 
 

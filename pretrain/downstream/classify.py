@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pretrain.model.windows import WindowBatch, mean_over_tokens, mean_over_windows, window_batch
+from pretrain.model.windows import WindowBatch, default_stride, document_ids, mean_over_tokens, mean_over_windows, window_batch
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
@@ -151,22 +151,6 @@ def label_vocabulary(train: LabelledTexts, *others: LabelledTexts) -> list[str]:
     return labels
 
 
-def document_ids(sp, texts: list[str]) -> list[list[int]]:
-    """Token ids per text, each ended by eos (as documents are in pretraining), not cut: long texts
-    are read in windows (pretrain.model.windows)."""
-    eos = sp.eos_id()
-    return [ids + [eos] for ids in sp.encode(list(texts))]
-
-
-def pad_batch(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Right-pad to the longest sequence of the batch (padding is masked out by the pooling)."""
-    width = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out
-
-
 @dataclass
 class WindowPolicy:
     """How a text longer than one window is read: windows of `window` tokens, `stride` apart, at
@@ -178,7 +162,7 @@ class WindowPolicy:
 
     @classmethod
     def from_config(cls, ft) -> "WindowPolicy":
-        return cls(ft.max_len, ft.window_stride or max(1, ft.max_len // 2), ft.max_windows)
+        return cls(ft.max_len, ft.window_stride or default_stride(ft.max_len), ft.max_windows)
 
     def describe(self, pooling: str) -> str:
         cap = f"at most {self.max_windows} windows evenly spread over the text" if self.max_windows else "every window"
@@ -200,7 +184,7 @@ class SequenceClassifier(nn.Module):
         self.encoder = encoder
         self.pooling = pooling
         self.pad_id = pad_id
-        self.windows = windows or WindowPolicy(encoder.max_positions, max(1, encoder.max_positions // 2), 0)
+        self.windows = windows or WindowPolicy(encoder.max_positions, default_stride(encoder.max_positions), 0)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, num_labels)
 

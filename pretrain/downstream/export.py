@@ -94,12 +94,14 @@ def write_export(
     extra_files: list[str] = (),
     extra: Mapping[str, Any] | None = None,
     hf_files: bool = False,
+    hf_tokenizer_from: Path | None = None,
 ) -> Path:
     """Write the export files; config.json (with the hash of every other file) goes last.
 
     extra_files: names of files already written into out_dir that config.json should hash too.
     hf_files: also write what Hugging Face tools load (needs a real SentencePiece tokenizer and a
-    full config: `model`, `tokenizer` sections, special_ids in extra).
+    full config: `model`, `tokenizer` sections, special_ids in extra); hf_tokenizer_from: an export of
+    the same tokenizer whose converted tokenizer.json is reused.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -121,7 +123,8 @@ def write_export(
         from pretrain.downstream.hf_files import hf_config, write_hf_files
 
         manifest |= hf_config(config["model"], vocab_size, manifest["special_ids"])
-        hf_names = write_hf_files(out_dir, load_tokenizer(tokenizer_path), config["tokenizer"]["model_type"], config["model"])
+        hf_names = write_hf_files(out_dir, load_tokenizer(tokenizer_path), config["tokenizer"]["model_type"], config["model"],
+                                   converted_in=hf_tokenizer_from)
     save_weights(out_dir / WEIGHTS_FILE, state_dict, dtype, metadata={CONFIG_SIGNATURE_KEY: config_signature(manifest)})
     copies = {TOKENIZER_FILE: tokenizer_path}
     if targets_path is not None:
@@ -239,14 +242,12 @@ def load_weights(path: Path, expected: Mapping[str, torch.Tensor]) -> dict[str, 
     return match_state(loaded, expected, str(path))
 
 
-def load_export(export_dir: str | Path, *, dtype: str = "fp32"):
-    """(model in eval mode, SentencePieceProcessor, config.json contents), every file verified first."""
+def _verified_parts(export_dir: Path):
+    """(Config, SentencePieceProcessor, config.json contents, target table or None), every file verified."""
     from pretrain.config import ConfigError, config_from_dict
     from pretrain.data.tokenizer import load_tokenizer
-    from pretrain.model import build_model
     from pretrain.targets.table import load_target_table
 
-    export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     try:
         cfg = config_from_dict(manifest["config"], source=str(export_dir / CONFIG_FILE))
@@ -264,11 +265,19 @@ def load_export(export_dir: str | Path, *, dtype: str = "fp32"):
             raise ExportError(f"{export_dir}: the target table does not belong with this export: {exc}") from None
     elif cfg.model.head == "continuous":
         raise ExportError(f"{export_dir / CONFIG_FILE} lists no {TARGETS_FILE}, which a continuous-head model needs; re-run `pretrain export`")
+    return cfg, sp, manifest, table
+
+
+def load_export(export_dir: str | Path, *, dtype: str = "fp32"):
+    """(model in eval mode, SentencePieceProcessor, config.json contents), every file verified first."""
+    from pretrain.model import build_model
+
+    export_dir = Path(export_dir)
+    cfg, sp, manifest, table = _verified_parts(export_dir)
     # The saved weights replace every initial value: skip the embedding init from the table (a
     # softmax export may even ship without one).
-    build_cfg = cfg.model_copy(deep=True)
-    build_cfg.model.init_embeddings_from_targets = False
-    model = build_model(build_cfg, vocab_size, target_table=table, special_ids=manifest.get("special_ids"))
+    cfg.model.init_embeddings_from_targets = False
+    model = build_model(cfg, manifest["vocab_size"], target_table=table, special_ids=manifest.get("special_ids"))
     model.load_state_dict(load_weights(export_dir / WEIGHTS_FILE, model.state_dict()), strict=True)
     model.tokenizer = sp  # for model.embed(texts)
     return model.to(DTYPES[dtype]).eval(), sp, manifest
@@ -292,19 +301,13 @@ def baseline_encoder(export_dir: str | Path, *, embeddings: str = "random", seed
     embeddings="table":  random, but the input embeddings set from the export's target table (the
                          fastText initialisation, no pretraining): separates the table's share of a gain.
     """
-    from pretrain.config import config_from_dict
     from pretrain.model import build_model
-    from pretrain.targets.table import load_target_table
 
     if embeddings not in ("random", "table"):
         raise ValueError(f"embeddings must be 'random' or 'table', got {embeddings!r}")
     export_dir = Path(export_dir)
-    _, sp, manifest = load_export(export_dir)  # every file verified, as for the pretrained encoder
-    cfg = config_from_dict(manifest["config"], source=str(export_dir / CONFIG_FILE))
-    table = None
-    if TARGETS_FILE in manifest["files"]:
-        table, _ = load_target_table(export_dir / TARGETS_FILE, tokenizer_sha256=manifest["files"][TOKENIZER_FILE]["sha256"], vocab_size=manifest["vocab_size"])
-    elif embeddings == "table":
+    cfg, sp, manifest, table = _verified_parts(export_dir)  # every file checked, as for the pretrained encoder
+    if table is None and embeddings == "table":
         raise ExportError(f"{export_dir} has no {TARGETS_FILE} to initialise the embeddings from (a softmax run exported without a table)")
     cfg.model.init_embeddings_from_targets = embeddings == "table"
     cfg.train.seed = seed  # the projection to d_model, when the table is narrower or wider

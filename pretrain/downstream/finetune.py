@@ -350,6 +350,7 @@ def save_finetuned(out_dir: Path, model: SequenceClassifier, init_dir: Path, man
         card=card,
         extra_files=[CLASSIFIER_FILE],
         hf_files=True,
+        hf_tokenizer_from=init_dir,  # the same tokenizer.model: its tokenizer.json needs no second conversion
         extra={"special_ids": manifest.get("special_ids"), "classifier": classifier,
                "finetuned_from": manifest.get("source", {}) | {"export": str(init_dir), "from_scratch": report["from_scratch"], "init_kind": report["init_kind"]}},
     )

@@ -100,14 +100,25 @@ def _special_tokens(sp) -> dict[str, str]:
             "mask_token": "<mask>"}
 
 
-def write_hf_files(out_dir: Path, sp, sp_model_type: str, model_cfg: Mapping[str, Any]) -> list[str]:
-    """Write the Hugging Face files into out_dir; returns their names (relative paths) for hashing."""
+def write_hf_files(out_dir: Path, sp, sp_model_type: str, model_cfg: Mapping[str, Any],
+                   converted_in: Path | None = None) -> list[str]:
+    """Write the Hugging Face files into out_dir; returns their names (relative paths) for hashing.
+
+    converted_in: an export directory of the same SentencePiece model whose tokenizer.json (already
+    converted and checked) is copied instead of converting again (fine-tuning saves do this)."""
     max_len = model_cfg["max_seq_len"]
     written = [MODELING_FILE]
     shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), out_dir / MODELING_FILE)
+    reusable = converted_in / HF_TOKENIZER_FILE if converted_in is not None else None
+    reusable = reusable if reusable is not None and reusable.is_file() and reusable.resolve() != (out_dir / HF_TOKENIZER_FILE).resolve() else None
     for stale in (HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG_FILE, *ST_FILES):
         (out_dir / stale).unlink(missing_ok=True)
     tok, why_not = None, ""
+    common = {"model_max_length": max_len, "padding_side": "right", "clean_up_tokenization_spaces": False, **_special_tokens(sp)}
+    if reusable is not None:
+        shutil.copyfile(reusable, out_dir / HF_TOKENIZER_FILE)
+        (out_dir / HF_TOKENIZER_CONFIG_FILE).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **common}, indent=2))
+        return [*written, HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG_FILE, *write_sentence_transformers_files(out_dir, max_len, model_cfg["d_model"])]
     if sp_model_type != "unigram":
         why_not = f"the tokenizer is a SentencePiece {sp_model_type} model; only unigram converts exactly"
     else:
@@ -119,7 +130,6 @@ def write_hf_files(out_dir: Path, sp, sp_model_type: str, model_cfg: Mapping[str
         bad = conversion_mismatches(sp, tok, _probe_texts(sp))
         if bad:
             tok, why_not = None, f"the converted tokenizer differs from SentencePiece on {len(bad)} probe texts, e.g. {bad[0]!r}"
-    common = {"model_max_length": max_len, "padding_side": "right", "clean_up_tokenization_spaces": False, **_special_tokens(sp)}
     if tok is None:
         # SentencePiece itself behind the tokenizer API (modeling_softmaxfree.SoftmaxFreeTokenizer): exact by construction
         log.warning("no fast tokenizer in %s: %s; AutoTokenizer loads the SentencePiece model (trust_remote_code=True)", out_dir, why_not)

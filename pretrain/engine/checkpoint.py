@@ -234,8 +234,11 @@ def checksums(tag_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(tag_dir)): _synced_sha256(p) for p in files}
 
 
-def verify_checksums(tag_dir: Path, meta: dict) -> None:
-    """Refuse a checkpoint whose files differ from the sha256 meta.json recorded at save time."""
+def verify_checksums(tag_dir: Path, meta: dict, *, rank: int = 0, world_size: int = 1) -> None:
+    """Refuse a checkpoint whose files differ from the sha256 meta.json recorded at save time.
+
+    With world_size > 1 this rank hashes only every world_size-th file (from its rank on): the ranks
+    of a job share the reading instead of each hashing the whole checkpoint (Trainer gathers the verdicts)."""
     from pretrain.data.tokenizer import file_sha256
 
     if meta.get("format", 1) < 2:
@@ -244,7 +247,7 @@ def verify_checksums(tag_dir: Path, meta: dict) -> None:
     recorded = meta.get(CHECKSUMS)
     if not isinstance(recorded, dict) or not recorded:
         raise ValueError(f"{tag_dir / META} lists no file checksums ('{CHECKSUMS}'): it was edited or damaged; {damaged_fix(tag_dir)}")
-    for name, expected in sorted(recorded.items()):
+    for name, expected in sorted(recorded.items())[rank::world_size]:
         path = tag_dir / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} missing: the checkpoint is incomplete; {damaged_fix(tag_dir)}")

@@ -154,8 +154,7 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
             return None
         tag_dir = self.ckpt_dir / tag
-        meta = ckpt.read_meta(tag_dir)
-        ckpt.verify_checksums(tag_dir, meta)
+        meta = ckpt.read_meta(tag_dir)  # its files' checksums: _verify_resume_files, shared among the ranks
         if meta.get("world_size") != self.env.world_size:
             raise ConfigError(f"checkpoint {tag_dir} was written by {meta.get('world_size')} processes; this job has "
                               f"{self.env.world_size}. Resume with the same number of processes (or use another run_name)")
@@ -172,6 +171,24 @@ class Trainer:
             raise ConfigError(f"cannot resume {tag_dir} with a different setup: " + "; ".join(conflicts)
                               + ". Restore those values, or use another train.run_name to start a new run")
         return tag
+
+    def _verify_resume_files(self, tag: str) -> None:
+        """Collective: each rank sha256-checks its share of the checkpoint's files (a multi-GB
+        checkpoint is read once per job, not once per rank); every rank raises if any share failed."""
+        import torch.distributed as dist
+
+        tag_dir = self.ckpt_dir / tag
+        try:
+            ckpt.verify_checksums(tag_dir, ckpt.read_meta(tag_dir), rank=self.env.rank, world_size=self.env.world_size)
+            verdict = None
+        except (OSError, ValueError) as exc:
+            verdict = (isinstance(exc, FileNotFoundError), str(exc))
+        verdicts = [None] * self.env.world_size
+        dist.all_gather_object(verdicts, verdict)
+        failed = next((v for v in verdicts if v is not None), None)
+        if failed is not None:
+            missing, message = failed
+            raise (FileNotFoundError if missing else ValueError)(message)
 
     def _lock_run_dir(self) -> RunLock:
         """Rank 0 takes the run directory's lock; every rank raises the same refusal if it is held."""
@@ -374,6 +391,8 @@ class Trainer:
         self.inputs = load_run_inputs(cfg, self.env.world_size)
         resume_tag = self._find_resume()
         init_distributed(self.env)
+        if resume_tag:
+            self._verify_resume_files(resume_tag)
         self.device = device_for(self.env)
         lock = self._lock_run_dir()
         try:

@@ -14,7 +14,8 @@ from torch import nn
 from pretrain.model.encoder import Encoder, doc_ids_from_padding
 from pretrain.model.heads import AdaptiveSoftmaxHead, ContinuousHead, SoftmaxHead
 from pretrain.model.objectives import IGNORE_INDEX, Objective
-from pretrain.model.windows import mean_over_tokens, mean_over_windows, window_batch, window_starts
+from pretrain.model.windows import (default_stride, document_ids, mean_over_tokens, mean_over_windows, window_batch,
+                                    window_starts)
 from pretrain_kernels import continuous_loss, fused_linear_continuous_loss, loss_params
 
 
@@ -83,7 +84,7 @@ class PretrainModel(nn.Module):
         if length <= window:
             return self.encoder(input_ids, doc_ids)
         total, covered = None, torch.zeros(length, device=input_ids.device)
-        for start in window_starts(length, window, stride or max(1, window // 2)):
+        for start in window_starts(length, window, stride or default_stride(window)):
             part = self.encoder(input_ids[:, start : start + window], doc_ids[:, start : start + window])
             total = part.new_zeros(*input_ids.shape, part.shape[-1]) if total is None else total
             total[:, start : start + window] += part
@@ -105,8 +106,8 @@ class PretrainModel(nn.Module):
         if not texts:
             return torch.empty(0, self.encoder.norm.normalized_shape[0])
         window = self.max_positions
-        sequences = [ids + [sp.eos_id()] for ids in sp.encode(texts)]
-        windows = window_batch(sequences, window, stride or max(1, window // 2), self.pad_id, max_windows)
+        sequences = document_ids(sp, texts)
+        windows = window_batch(sequences, window, stride or default_stride(window), self.pad_id, max_windows)
         device = next(self.parameters()).device
         vectors = []
         for start in range(0, len(windows.owner), batch_size):

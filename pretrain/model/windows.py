@@ -12,6 +12,18 @@ from dataclasses import dataclass
 import torch
 
 
+def default_stride(window: int) -> int:
+    """Windows overlap by half unless told otherwise."""
+    return max(1, window // 2)
+
+
+def document_ids(sp, texts: list[str]) -> list[list[int]]:
+    """Token ids per text, each ended by eos (as documents are in pretraining), not cut: long texts
+    are read in windows."""
+    eos = sp.eos_id()
+    return [ids + [eos] for ids in sp.encode(list(texts))]
+
+
 def window_starts(length: int, window: int, stride: int) -> list[int]:
     """Start offsets of the windows covering `length` pieces (one window if it fits)."""
     if window < 1 or not 1 <= stride <= window:

@@ -178,3 +178,25 @@ def test_causal_export_is_causal_in_transformers_too(make_untrained_export):
         prefix = hf(input_ids=later, attention_mask=torch.ones_like(later)).last_hidden_state
     assert (hidden[mask.bool()] - reference[mask.bool()]).abs().max() <= 1e-5
     torch.testing.assert_close(prefix[0, :3], hidden[0, :3], atol=1e-5, rtol=0)  # the future does not leak
+
+
+def test_a_converted_tokenizer_is_reused_not_converted_again(untrained_export, tmp_path, monkeypatch):
+    """Fine-tuning saves copy the source export's checked tokenizer.json instead of a second conversion."""
+    from pretrain.data.tokenizer import load_tokenizer
+
+    sp = load_tokenizer(untrained_export / "tokenizer.model")
+    model_cfg = ex.read_manifest(untrained_export)["config"]["model"]
+
+    def no_conversion(sp):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(hf_files, "fast_tokenizer", no_conversion)
+    out = tmp_path / "finetuned"
+    out.mkdir()
+    written = hf_files.write_hf_files(out, sp, "unigram", model_cfg, converted_in=untrained_export)
+    assert hf_files.HF_TOKENIZER_FILE in written
+    assert (out / hf_files.HF_TOKENIZER_FILE).read_bytes() == (untrained_export / hf_files.HF_TOKENIZER_FILE).read_bytes()
+    config = json.loads((out / hf_files.HF_TOKENIZER_CONFIG_FILE).read_text())
+    assert config == json.loads((untrained_export / hf_files.HF_TOKENIZER_CONFIG_FILE).read_text())
+    with pytest.raises(AssertionError, match="converted again"):  # without a converted one: converts
+        hf_files.write_hf_files(tmp_path, sp, "unigram", model_cfg, converted_in=tmp_path / "nowhere")

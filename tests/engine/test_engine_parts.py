@@ -313,6 +313,19 @@ def test_checksums_catch_flipped_tensor_bytes_and_an_edited_data_position(tmp_pa
         ckpt.verify_checksums(tag_dir, {"step": 5, "format": ckpt.FORMAT})
 
 
+def test_ranks_share_the_checksum_work_and_together_cover_every_file(tmp_path):
+    tag_dir = _fake_checkpoint(tmp_path, 5)
+    for name in ("a.pt", "b.pt", "c.pt"):
+        (tag_dir / name).write_bytes(name.encode() * 100)
+    meta = {"step": 5, "format": ckpt.FORMAT, ckpt.CHECKSUMS: ckpt.checksums(tag_dir)}
+    (tag_dir / "b.pt").write_bytes(b"edited")  # sorted names: a.pt (rank 0), b.pt (rank 1), c.pt (rank 0)
+    ckpt.verify_checksums(tag_dir, meta, rank=0, world_size=2)  # not rank 0's share
+    with pytest.raises(ValueError, match=r"b.pt does not match the sha256"):
+        ckpt.verify_checksums(tag_dir, meta, rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"b.pt does not match the sha256"):
+        ckpt.verify_checksums(tag_dir, meta)  # one process checks everything
+
+
 @pytest.fixture
 def one_process_group(tmp_path):
     """A world of one (gloo) for ckpt.save's barriers; torn down after the test."""

@@ -204,6 +204,17 @@ def test_a_damaged_checkpoint_is_one_clear_line_for_export_and_eval(tiny_runs, t
     assert main(["export", str(run_dir), str(tmp_path / "export"), "--tag", "step-00000008"]) == 0  # the way back works
 
 
+def _launch_resume(config: str, run_dir) -> tuple[int, str]:
+    """`pretrain launch --nproc-per-node 2 train` on a run directory: (exit status, its output)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "launch", "--nproc-per-node", "2", "train", config,
+                           f"train.run_dir={run_dir}", "tracking.enabled=false"],
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def test_flipped_tensor_bytes_or_an_edited_data_position_stop_resume_and_export(tiny_runs, tmp_path, capsys):
     """Files that still load but differ from what was saved: refused by the checksums in meta.json."""
     import shutil
@@ -222,16 +233,17 @@ def test_flipped_tensor_bytes_or_an_edited_data_position_stop_resume_and_export(
     ckpt.verify_deepspeed_files(tag_dir)  # still loads: only the checksum can tell
     assert main(["export", str(run_dir), str(tmp_path / "export")]) == 1
     assert f"{optim} does not match the sha256 recorded in {tag_dir / ckpt.META}" in capsys.readouterr().err
-    assert main(["train", config, f"train.run_dir={run_dir}"]) == 1
-    assert f"{optim} does not match the sha256" in capsys.readouterr().err
+    # Resume, as written (2 processes): each rank hashes a share of the files, and all refuse together.
+    rc, output = _launch_resume(config, run_dir)
+    assert rc != 0 and f"{optim} does not match the sha256" in output
     optim.write_bytes(original)
 
     position = tag_dir / ckpt.rank_file(1)
     state = json.loads(position.read_text())
     state["data"]["workers"][0]["cursor"] += 1  # skip a shard: still a valid position
     position.write_text(json.dumps(state))
-    assert main(["train", config, f"train.run_dir={run_dir}"]) == 1
-    assert f"{position} does not match the sha256" in capsys.readouterr().err
+    rc, output = _launch_resume(config, run_dir)
+    assert rc != 0 and f"{position} does not match the sha256" in output and "Traceback" not in output
     assert not (tmp_path / "export").exists()
 
 
