@@ -245,6 +245,8 @@ class FinetuneConfig(Section):
     batch_size: int = Field(32, gt=0)
     # Peak AdamW lr (10% linear warm-up, then linear decay); 1e-3 beat 3e-4 from pretrained and scratch alike.
     lr: float = Field(1e-3, gt=0)
+    # The encoder body's lr is lr x this (the classifier head keeps lr): < 1 keeps more of what pretraining learned.
+    encoder_lr_scale: float = Field(1.0, gt=0)
     # Tokens per window (ids end with eos); at most the encoder's model.max_seq_len. A longer text
     # is read as windows window_stride apart (0 = half a window), at most max_windows of them
     # evenly spread over the text (0 = all), pooled into one vector: never cut silently.
