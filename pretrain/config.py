@@ -160,6 +160,12 @@ class LossConfig(Section):
     vmf_lambda2: float = 0.1
     vmf_lambda: float = 0.2
     margin: float = 0.5
+    # κ schedule of the vMF losses (κ is the prediction's norm): for the first kappa_warmup_steps optimizer
+    # steps the loss sees the prediction scaled by s, rising linearly from kappa_scale_start to 1 (a low
+    # κ, i.e. a high temperature, early on); 0 = off. The step count is not checkpointed: a resumed run
+    # restarts the ramp. Not with loss.fused_head.
+    kappa_warmup_steps: int = Field(0, ge=0)
+    kappa_scale_start: float = Field(0.1, gt=0, le=1)
 
 
 class TrainConfig(Section):
@@ -302,6 +308,10 @@ class Config(Section):
                                  "train.pipeline_stages=1 and model.tie_softmax=false (offending: "
                                  f"{', '.join(k for k, on in blockers.items() if on)}); change those or set "
                                  "train.sparse_embedding=false")
+        if self.loss.kappa_warmup_steps and self.loss.fused_head:
+            raise ValueError("loss.kappa_warmup_steps (the κ schedule) needs loss.fused_head=false")
+        if self.loss.kappa_warmup_steps and self.train.pipeline_stages > 1:
+            raise ValueError("loss.kappa_warmup_steps (the κ schedule) needs train.pipeline_stages=1")
         if self.train.pipeline_stages > 1:
             unsupported = {
                 "model.tie_softmax": self.model.head == "softmax" and self.model.tie_softmax,

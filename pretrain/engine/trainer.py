@@ -286,6 +286,7 @@ class Trainer:
 
     def _after_optimizer_step(self) -> None:
         if self.model.learned_targets is None:
+            self.model.after_optimizer_step()  # counts steps (the κ schedule)
             return
         with self._gathered_learned_table():
             self.model.after_optimizer_step()
