@@ -181,8 +181,10 @@ def pooled_features(model: SequenceClassifier, sequences: list[list[int]], batch
 def _optimizer(model: nn.Module, ft, steps_per_epoch: int):
     total = steps_per_epoch * ft.epochs
     warmup = max(1, total // 10)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=0.01)
-    # linear warm-up then linear decay: the usual fine-tuning schedule
+    head = list(model.head.parameters())
+    body = [p for p in model.parameters() if all(p is not h for h in head)]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": ft.lr * ft.encoder_lr_scale}, {"params": head, "lr": ft.lr}], weight_decay=0.01)
+    # linear warm-up then linear decay: the usual fine-tuning schedule (LambdaLR scales each group's own lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     return optimizer, schedule
 

@@ -302,6 +302,7 @@ class Trainer:
 
     def _after_optimizer_step(self) -> None:
         if self.model.learned_targets is None:
+            self.model.after_optimizer_step()  # counts steps (the κ schedule)
             return
         with self._gathered_learned_table():
             self.model.after_optimizer_step()
@@ -416,6 +417,7 @@ class Trainer:
         self.loader = self._build_loader()
         self.guard = BadStepGuard(cfg.train.max_bad_steps_in_row)
         start = self._restore(resume_tag) if resume_tag else 0
+        self.model.optimizer_steps = start  # the κ schedule continues where the checkpoint left it
         self.samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * self.dp_world
         self.tokens_per_step = self.samples_per_step * self.inputs.manifest["seq_len"]
         self.nan_steps = nan_test_steps()

@@ -32,6 +32,9 @@ class PretrainModel(nn.Module):
         self.fused_head = loss_cfg.fused_head
         self.chunk_size = loss_cfg.chunk_size
         self.loss_params = loss_params(loss_cfg) if self.continuous else {}
+        self.kappa_warmup_steps = getattr(loss_cfg, "kappa_warmup_steps", 0) if self.continuous and self.loss_kind.startswith("vmf") else 0
+        self.kappa_scale_start = getattr(loss_cfg, "kappa_scale_start", 1.0)
+        self.optimizer_steps = 0  # for the κ schedule (not checkpointed)
         self.learned_targets = learned_targets
         # Frozen targets are a non-persistent buffer: they follow the module to its device, but the
         # checkpoint does not carry a second copy of the table (its sha256 is in meta.json). When the
@@ -155,7 +158,9 @@ class PretrainModel(nn.Module):
                 accuracy = (outputs.argmax(-1) == labels).float().mean() if labels.numel() else outputs.new_zeros(())
             return {"loss": loss, "accuracy": accuracy, "n_targets": labels.new_tensor(labels.numel())}
         table = self.loss_table()
-        loss = continuous_loss(outputs, labels, table, self.loss_kind, impl=self.loss_impl, **self.loss_params)
+        scale = self.kappa_scale()
+        scaled = outputs if scale == 1.0 else outputs * scale
+        loss = continuous_loss(scaled, labels, table, self.loss_kind, impl=self.loss_impl, **self.loss_params)
         if self.learned_targets is not None:
             loss = loss + self.learned_targets.extra_loss(outputs, labels)
         return {"loss": loss, **self._continuous_metrics(outputs, labels, table)}
@@ -208,6 +213,13 @@ class PretrainModel(nn.Module):
         groups.insert(0, {"params": decay, "weight_decay": weight_decay, "lr": lr, "lr_scale": 1.0})
         return groups
 
+    def kappa_scale(self) -> float:
+        """The κ schedule's factor on the prediction the vMF loss sees (1.0 when off or past the ramp)."""
+        if not self.kappa_warmup_steps or self.optimizer_steps >= self.kappa_warmup_steps:
+            return 1.0
+        return self.kappa_scale_start + (1.0 - self.kappa_scale_start) * self.optimizer_steps / self.kappa_warmup_steps
+
     def after_optimizer_step(self) -> None:
+        self.optimizer_steps += 1
         if self.learned_targets is not None:
             self.learned_targets.after_step()

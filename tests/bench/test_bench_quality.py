@@ -87,6 +87,25 @@ def test_a_table_input_encoder_is_exported_for_fine_tuning_as_an_ordinary_one(ti
         torch.testing.assert_close(exported.encode(ids), model.encode(ids), atol=1e-5, rtol=1e-5)
 
 
+def test_downstream_verdict_beats_only_when_the_gap_exceeds_the_larger_spread():
+    def row(mean, spread):
+        return {"mean": mean, "spread": spread}
+    results = {"softmax": {"20": row(0.40, 0.05), "100": row(0.60, 0.02)},
+               "learned_vmf": {"20": row(0.69, 0.01), "100": row(0.79, 0.02)},
+               "cosine": {"20": row(0.50, 0.01), "100": row(0.70, 0.01)},
+               "control: random init": {"20": row(0.59, 0.04), "100": row(0.725, 0.02)},
+               "control: table embeddings, no pretraining": {"20": row(0.66, 0.012), "100": row(0.775, 0.011)}}
+    verdict = quality.downstream_verdict(results)
+    assert verdict["encoder"] == "learned_vmf" and set(verdict["against"]) == {"softmax", "control: random init",
+                                                                             "control: table embeddings, no pretraining"}
+    assert verdict["against"]["control: table embeddings, no pretraining"]["20"]["beats"]  # 3 points > 1.2 spread
+    assert not verdict["against"]["control: table embeddings, no pretraining"]["100"]["beats"]  # 1.5 points < 2 spread
+    assert verdict["goal_met"] is False
+    results["learned_vmf"]["100"] = row(0.80, 0.01)
+    assert quality.downstream_verdict(results)["goal_met"] is True
+    assert quality.downstream_verdict({k: v for k, v in results.items() if k in ("softmax", "control: random init")}) is None
+
+
 # The --small study ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -131,6 +150,13 @@ def test_small_study_fine_tunes_against_both_controls_and_writes_table_and_plots
         assert all(0 <= b["mean"] <= 1 for b in by_budget.values())
     table = (out_dir / quality.MARKDOWN).read_text()
     assert "## Corpus: wordnet" in table and "## Corpus: docs" in table and "cosine+csls" in table
+    # --downstream-steps (the --small default): the downstream encoders are pretrained by runs of their own,
+    # not the equal-time runs (6 steps), and the table says so beside the fine-tuning recipe.
+    pretraining = results["corpora"]["wordnet"]["downstream"]["pretraining"]
+    steps = quality.SMALL["downstream_steps"]
+    assert steps != results["steps"] and {t["steps"] for t in pretraining.values()} == {steps}
+    assert {"softmax", "adaptive_softmax"} < set(pretraining)  # and the best continuous variant
+    assert f"softmax {steps}" in table and "encoder_lr_scale" in table
     for plot in quality.PLOTS.values():
         assert (out_dir / plot).read_bytes()[:4] == b"\x89PNG"
 

@@ -248,3 +248,32 @@ def test_pipeline_keys_map_back_to_the_plain_model(table):
     assert len(layer_key_prefixes(n_layers)) == n_layers + 2
     with pytest.raises(KeyError):
         to_model_key(0, "block.attn.qkv.weight", n_layers)
+
+
+# κ schedule -----------------------------------------------------------------------------------------
+
+def test_kappa_schedule_scales_the_prediction_the_vmf_loss_sees_then_steps_off(table):
+    cfg = make_cfg(loss={"name": "vmf_practice", "kappa_warmup_steps": 4, "kappa_scale_start": 0.25})
+    model = build_model(cfg, VOCAB, table).eval()
+    plain = build_model(make_cfg(loss={"name": "vmf_practice"}), VOCAB, table).eval()
+    plain.load_state_dict(model.state_dict())  # no extra state: exports and checkpoints are unchanged
+    outputs = torch.randn(5, DIM, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([1, 2, 3, IGNORE_INDEX, 4])
+    params = loss_params(cfg.loss)
+    scales = []
+    for step in range(6):
+        scales.append(model.kappa_scale())
+        expected = continuous_loss(outputs * scales[-1], labels, table, "vmf_practice", impl="reference", **params)
+        assert model.loss_from_outputs(outputs, labels)["loss"] == pytest.approx(float(expected), rel=1e-5)
+        model.after_optimizer_step()
+    assert scales == pytest.approx([0.25, 0.4375, 0.625, 0.8125, 1.0, 1.0])
+    assert plain.kappa_scale() == 1.0
+    assert float(model.loss_from_outputs(outputs, labels)["loss"]) == pytest.approx(float(plain.loss_from_outputs(outputs, labels)["loss"]))
+    # Only the vMF losses have a κ: the schedule leaves the others alone.
+    cosine = build_model(make_cfg(loss={"name": "cosine", "kappa_warmup_steps": 4}), VOCAB, table)
+    assert cosine.kappa_scale() == 1.0
+
+
+def test_kappa_schedule_is_refused_with_the_fused_head():
+    with pytest.raises(ValueError, match="kappa_warmup_steps"):
+        make_cfg(loss={"name": "vmf_practice", "kappa_warmup_steps": 4, "fused_head": True})
