@@ -28,7 +28,6 @@ Writes --out (JSON), quality.md and PNG plots next to it; --track logs them to M
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import json
 import logging
@@ -236,29 +235,11 @@ def _digest(value: dict) -> str:
 # Training ----------------------------------------------------------------------------------------
 
 def variant_config(corpus_cfg, overrides: list[str]):
-    from pretrain.config import config_from_dict
+    """The corpus config with a variant's KEY=VALUE overrides (parsed as the command line's are)."""
+    from pretrain.config import apply_overrides, config_from_dict
 
-    raw = copy.deepcopy(corpus_cfg.to_dict())
-    for item in overrides:
-        if item == "adaptive":
-            continue
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"variant override {item!r}: expected KEY=VALUE")
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[leaf] = json.loads(value) if value in ("true", "false") or _is_number(value) else value
+    raw = apply_overrides(corpus_cfg.to_dict(), [item for item in overrides if item != "adaptive"])
     return config_from_dict(raw, source="pretrain bench quality --variant")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def build_variant(cfg, overrides: list[str], vocab_size: int, table: torch.Tensor, counts: np.ndarray, special_ids: dict):

@@ -179,3 +179,17 @@ def test_small_study_is_logged_to_mlflow_with_its_table_and_plots(small_study):
     assert run.data.metrics["quality.corpora.wordnet.budgets.equal_time.softmax.top1"] == pytest.approx(softmax_top1)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "bench")}
     assert {f"bench/{quality.MARKDOWN}", "bench/quality.json", *(f"bench/{p}" for p in quality.PLOTS.values())} <= artifacts
+
+
+def test_variant_overrides_parse_as_the_command_lines_do():
+    from pretrain.config import ConfigError, load_config
+
+    base = load_config(None, [])
+    cfg = quality.variant_config(base, ["model.head=continuous", "loss.kappa_scale_start=0.1", "targets.dim=128",
+                                        "targets.learned=true", "train.lr=3e-4", "adaptive"])
+    assert (cfg.model.head, cfg.loss.kappa_scale_start, cfg.targets.dim, cfg.targets.learned, cfg.train.lr) == \
+        ("continuous", 0.1, 128, True, 3e-4)
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        quality.variant_config(base, ["model.head"])
+    with pytest.raises(ConfigError, match="no_such_key"):
+        quality.variant_config(base, ["model.no_such_key=1"])
