@@ -32,8 +32,8 @@ class PretrainModel(nn.Module):
         self.fused_head = loss_cfg.fused_head
         self.chunk_size = loss_cfg.chunk_size
         self.loss_params = loss_params(loss_cfg) if self.continuous else {}
-        self.kappa_warmup_steps = getattr(loss_cfg, "kappa_warmup_steps", 0) if self.continuous and self.loss_kind.startswith("vmf") else 0
-        self.kappa_scale_start = getattr(loss_cfg, "kappa_scale_start", 1.0)
+        self.kappa_warmup_steps = loss_cfg.kappa_warmup_steps if self.continuous and self.loss_kind.startswith("vmf") else 0
+        self.kappa_scale_start = loss_cfg.kappa_scale_start
         self.optimizer_steps = 0  # for the κ schedule (not checkpointed)
         self.learned_targets = learned_targets
         # Frozen targets are a non-persistent buffer: they follow the module to its device, but the
