@@ -52,7 +52,7 @@ gpu-check: install
 # Debian packages the system tests start for real (needs root; CI runs it).
 system-deps:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge chromium python3.11-doc >/dev/null
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge chromium python3.11-doc fortunes >/dev/null
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

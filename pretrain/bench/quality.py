@@ -17,7 +17,7 @@ rest), accuracy without the most frequent piece, how often that piece is predict
 and the number of distinct pieces predicted. Continuous variants are also decoded hub-aware (CSLS
 local scaling fitted on training-batch predictions, and an anti-frequency prior), at no extra search.
 
-Downstream (the first corpus, with the shipped labelled task): each chosen variant's encoder, pretrained
+Downstream (the first corpus; every --task, pretrain.downstream.tasks): each chosen variant's encoder, pretrained
 by a run of its own for --downstream-steps steps (0: its equal-time run), fine-tuned with scarce and more
 labels over several seeds, against two controls: the same architecture from random weights, and from
 random weights with the input embeddings set from the target table (no pretraining); the verdict says
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pretrain.downstream.tasks import DEFAULT_TASKS, Task, parse_tasks
 from pretrain.config import REPO_ROOT, load_config
 
 HELP = "quality study: every head variant at equal tokens and equal CPU time, scored on the same masked positions"
@@ -95,6 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pretrain the downstream encoders (the --downstream variants) for this many steps, each its own run "
                              f"on the same data (default {STUDY['downstream_steps']}; --small: {SMALL['downstream_steps']}; 0: use the "
                              "equal-time runs' encoders)")
+    parser.add_argument("--task", action="append", default=None, metavar="NAME[=TRAIN[,VALID]|=DIR]",
+                        help="a labelled downstream task: wordnet-domains (shipped), fortunes (Debian `fortunes`: held-out "
+                             "text), NAME=TRAIN[,VALID] (CSV/TSV/JSONL) or NAME=DIR (fortune files); repeatable "
+                             f"(default: {' and '.join(DEFAULT_TASKS)}); finetune.* overrides set the recipe")
     parser.add_argument("--downstream", default="best", help="'best' (softmax, adaptive softmax, the best continuous variant), "
                         "'all', 'none', or comma-separated variant names")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is compute time on a shared machine)")
@@ -409,17 +414,19 @@ def _carrier(cfg, manifest):
     return build_model(build, manifest["vocab_size"], special_ids=manifest["special_ids"])
 
 
-def downstream(encoders: dict[str, Path], cfg, workdir: Path, seeds: int, scarce_per_class: int, many_per_class: int = 0) -> dict:
-    """Fine-tuning accuracy (mean, spread = max - min over seeds) per encoder and label budget;
+def downstream(encoders: dict[str, Path], cfg, task: Task, workdir: Path, seeds: int, scarce_per_class: int, many_per_class: int = 0) -> dict:
+    """Fine-tuning accuracy on `task` (mean, spread = max - min over seeds) per encoder and label budget;
     'random init' is the first encoder's architecture from random weights (finetune --from-scratch)."""
-    from pretrain.downstream.classify import read_labelled
+    from pretrain.downstream.classify import label_vocabulary, read_labelled
     from pretrain.downstream.finetune import finetune
-    from pretrain.downstream.classify import label_vocabulary
-    from pretrain.config import resolve_shipped_path
 
     ft_cfg = cfg.model_copy(deep=True)
     ft_cfg.tracking.enabled = False
-    train_rows = read_labelled(resolve_shipped_path(ft_cfg.finetune.train_file), ft_cfg.finetune.text_field, ft_cfg.finetune.label_field)
+    ft_cfg.finetune.train_file = str(task.train_file)
+    ft_cfg.finetune.valid_file = str(task.valid_file or "")
+    if task.valid_file is None:
+        ft_cfg.finetune.valid_fraction = ft_cfg.finetune.valid_fraction or 0.2
+    train_rows = read_labelled(task.train_file, ft_cfg.finetune.text_field, ft_cfg.finetune.label_field, key="--task")
     classes = len(label_vocabulary(train_rows))
     budgets = {f"{scarce_per_class} per class": scarce_per_class * classes,
                f"{many_per_class} per class" if many_per_class else "all labels": many_per_class * classes}
@@ -433,7 +440,8 @@ def downstream(encoders: dict[str, Path], cfg, workdir: Path, seeds: int, scarce
             for seed in range(seeds):
                 ft_cfg.finetune.seed = seed
                 ft_cfg.finetune.max_train_examples = rows
-                report = finetune(ft_cfg, init_dir, workdir / "finetune" / _slug(name) / _slug(budget) / str(seed), from_scratch=scratch)
+                report = finetune(ft_cfg, init_dir, workdir / "finetune" / task.name / _slug(name) / _slug(budget) / str(seed),
+                                  from_scratch=scratch)
                 accs.append(report["accuracy"])
             results[name][budget] = {"mean": float(np.mean(accs)), "spread": float(np.max(accs) - np.min(accs)), "accuracies": accs}
     return results
@@ -569,6 +577,7 @@ def run(args: argparse.Namespace) -> dict:
     max_bytes = size["bytes"] if args.corpus_bytes is None else args.corpus_bytes
     seeds = args.seeds or (1 if args.small else 3)
     downstream_steps = size["downstream_steps"] if args.downstream_steps is None else args.downstream_steps
+    tasks = parse_tasks(args.task, Path(args.workdir)) if args.downstream != "none" else []  # before hours of training
     started = time.perf_counter()
     results = {"suite": "quality", "hardware": report.hardware_info(), "small": args.small, "steps": steps,
                "torch_threads": torch.get_num_threads(), "overrides": overrides,
@@ -586,12 +595,12 @@ def run(args: argparse.Namespace) -> dict:
             table_cfg.model.init_embeddings_from_targets = True
             untrained = build_variant(table_cfg, [], result["vocab_size"], target_table(table_cfg), None, None)
             encoders["control: table embeddings, no pretraining"] = export_encoder(untrained, table_cfg, root / "table-init", table_cfg.targets.path)
-            result["downstream"] = {"task": str(cfg.finetune.train_file), "seeds": seeds, "epochs": cfg.finetune.epochs,
+            result["downstream"] = {"seeds": seeds, "epochs": cfg.finetune.epochs,
                                     "finetune": {k: getattr(cfg.finetune, k) for k in ("epochs", "lr", "encoder_lr_scale", "pooling", "batch_size")},
-                                    "pretraining": {v: training for v, (_, _, training) in pretrained.items()},
-                                    "results": downstream(encoders, cfg, Path(args.workdir) / corpus.name, seeds, args.scarce_per_class,
-                                                           args.many_per_class)}
-            result["downstream"]["verdict"] = downstream_verdict(result["downstream"]["results"])
+                                    "pretraining": {v: training for v, (_, _, training) in pretrained.items()}, "tasks": {}}
+            for task in tasks:
+                scores = downstream(encoders, cfg, task, Path(args.workdir) / corpus.name, seeds, args.scarce_per_class, args.many_per_class)
+                result["downstream"]["tasks"][task.name] = {**task.as_dict(), "results": scores, "verdict": downstream_verdict(scores)}
         results["corpora"][corpus.name] = result
     results["seconds"] = round(time.perf_counter() - started, 1)
     write_outputs(results, Path(args.out), args)
@@ -635,25 +644,27 @@ def markdown(results: dict) -> str:
                              f"{_pct(row['top1_without_most_frequent'])} | {_pct(row['most_frequent_predicted_share'])} / "
                              f"{_pct(row['most_frequent_true_share'])} | {row['distinct_predicted']} |")
             lines.append("")
-        if "downstream" in corpus:
-            ds = corpus["downstream"]
-            budgets = list(next(iter(ds["results"].values())))
-            steps_of = ", ".join(f"{v} {t['steps']}" for v, t in ds.get("pretraining", {}).items())
-            recipe = ", ".join(f"{k} {v}" for k, v in ds.get("finetune", {"epochs": ds["epochs"]}).items())
-            lines += [f"### Downstream: fine-tuned on {ds['task']} ({ds['seeds']} seeds; {recipe}; accuracy mean ± spread = max − min)", "",
-                      f"Pretraining steps of the encoders: {steps_of or 'the equal-time runs'}; the controls are not pretrained.", "",
+        ds = corpus.get("downstream", {})
+        for task_name, task in ds.get("tasks", {}).items():
+            budgets = list(next(iter(task["results"].values())))
+            steps_of = ", ".join(f"{v} {t['steps']}" for v, t in ds["pretraining"].items())
+            recipe = ", ".join(f"{k} {v}" for k, v in ds["finetune"].items())
+            lines += [f"### Downstream task {task_name}: fine-tuned on {task['train_file']} ({ds['seeds']} seeds; {recipe}; "
+                      "accuracy mean ± spread = max − min)", "",
+                      f"Task source: {task['source']}. Pretraining steps of the encoders (on {name}): "
+                      f"{steps_of or 'the equal-time runs'}; the controls are not pretrained.", "",
                       "| encoder | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
-            for enc, by_budget in ds["results"].items():
+            for enc, by_budget in task["results"].items():
                 lines.append(f"| {enc} | " + " | ".join(f"{100 * by_budget[b]['mean']:.1f} ± {100 * by_budget[b]['spread']:.1f}" for b in budgets) + " |")
-            verdict = ds.get("verdict")
+            verdict = task["verdict"]
             if verdict:
                 lines += ["", f"Best continuous encoder ({verdict['encoder']}), gap of the means in points (beats: the gap exceeds "
                               "the larger seed spread):", ""]
                 for other, by_budget in verdict["against"].items():
                     lines.append(f"- vs {other}: " + "; ".join(f"{b} {100 * v['gap']:+.1f} (spread {100 * v['spread']:.1f}, "
                                                               f"{'beats' if v['beats'] else 'does not beat'})" for b, v in by_budget.items()))
-                lines += ["", f"**Downstream goal (beats softmax and both controls by more than the seed spread, every label budget): "
-                              f"{'met' if verdict['goal_met'] else 'not met'}.**"]
+                lines += ["", f"**Downstream goal on {task_name} (beats softmax and both controls by more than the seed spread, "
+                              f"every label budget): {'met' if verdict['goal_met'] else 'not met'}.**", ""]
     lines += ["", f"Study time {results['seconds']} s."]
     return "\n".join(lines) + "\n"
 

@@ -106,6 +106,63 @@ def test_downstream_verdict_beats_only_when_the_gap_exceeds_the_larger_spread():
     assert quality.downstream_verdict({k: v for k, v in results.items() if k in ("softmax", "control: random init")}) is None
 
 
+# Downstream tasks --------------------------------------------------------------------------------
+
+TOPIC_WORDS = {"computers": "kernel compiler bug byte program disk", "politics": "senate vote law party election tax",
+               "science": "atom physics theory lab energy cell", "work": "boss office meeting salary job desk"}
+
+
+def write_fortunes(root: Path, per_category: int = 36) -> Path:
+    """Fortune files as Debian ships them: entries split by '%' lines, some overstruck, one shared entry."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for category, words in TOPIC_WORDS.items():
+        entries = [" ".join(rng.choice(words.split(), 8)) + f"\n\t-- {category} {i}" for i in range(per_category)]
+        entries[0] = "_\bu_\bn_\bd_\be_\br_\bl_\bi_\bn_\be_\bd " + entries[0]
+        entries.append("The same quip in every file.")
+        (root / category).write_text("\n%\n".join(entries) + "\n%\n")
+    (root / "zippy").write_text("not one of the task's categories\n%\n")
+    return root
+
+
+def test_fortunes_task_splits_each_category_and_drops_what_two_categories_share(tmp_path):
+    from pretrain.downstream import tasks
+    from pretrain.downstream.classify import read_labelled
+
+    source = write_fortunes(tmp_path / "fortunes")
+    summary = tasks.build_fortunes_task(source, tmp_path / "task", valid_per_class=10)
+    assert summary["ambiguous_dropped"] == 1
+    train = read_labelled(tmp_path / "task" / "train.jsonl")
+    valid = read_labelled(tmp_path / "task" / "valid.jsonl")
+    assert sorted(set(train.labels)) == sorted(TOPIC_WORDS) == sorted(set(valid.labels))
+    assert all(valid.labels.count(c) == 10 and train.labels.count(c) == 26 for c in TOPIC_WORDS)
+    assert not set(train.texts) & set(valid.texts) and "The same quip in every file." not in train.texts + valid.texts
+    assert any(t.startswith("underlined ") for t in train.texts + valid.texts)  # overstriking removed
+    assert all("\x08" not in t and "\n" not in t for t in train.texts)
+    # the same source gives the same split (the study is repeatable)
+    tasks.build_fortunes_task(source, tmp_path / "again", valid_per_class=10)
+    assert (tmp_path / "again" / "valid.jsonl").read_bytes() == (tmp_path / "task" / "valid.jsonl").read_bytes()
+
+
+def test_task_specs_are_checked_before_any_training(tmp_path):
+    from pretrain.downstream import tasks
+
+    with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
+        tasks.build_fortunes_task(tmp_path / "nothing", tmp_path / "out")
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "computers").write_text("a\n%\nb\n%\nc\n")
+    with pytest.raises(FileNotFoundError, match="partial/politics not found"):
+        tasks.build_fortunes_task(tmp_path / "partial", tmp_path / "out")
+    with pytest.raises(ValueError, match="not a built-in"):
+        tasks.parse_tasks(["news"], tmp_path)
+    with pytest.raises(FileNotFoundError, match="--task mine: .*missing.jsonl not found"):
+        tasks.parse_tasks([f"mine={tmp_path / 'missing.jsonl'}"], tmp_path)
+    shipped, own = tasks.parse_tasks(["wordnet-domains", f"own={REPO_ROOT / 'data' / 'finetune' / 'train.jsonl'}"], tmp_path)
+    assert shipped.valid_file.name == "valid.jsonl" and own.valid_file is None
+    with pytest.raises(ValueError, match="names repeat"):
+        tasks.parse_tasks(["wordnet-domains", "wordnet-domains"], tmp_path)
+
+
 # The --small study ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -114,10 +171,11 @@ def small_study(tmp_path_factory):
     four variants, downstream with both controls, one seed."""
     tmp = tmp_path_factory.mktemp("quality")
     out = tmp / "bench" / "quality.json"
+    fortunes = write_fortunes(tmp / "fortunes")
     argv = ["bench", "quality", "--small", "--corpus", f"wordnet={REPO_ROOT / 'data' / 'corpus'}",
             "--corpus", f"docs={REPO_ROOT / 'docs'}:blank_line", "--corpus-bytes", "150000",
             "--variant", "softmax", "--variant", "adaptive_softmax", "--variant", "cosine", "--variant", "learned_vmf",
-            "--seeds", "1", "--workdir", str(tmp / "work"), "--out", str(out), "--track", "--store-dir", str(tmp / "mlruns")]
+            "--task", "wordnet-domains", "--task", f"quips={fortunes}", "--seeds", "1", "--workdir", str(tmp / "work"), "--out", str(out), "--track", "--store-dir", str(tmp / "mlruns")]
     assert main(argv) == 0
     return json.loads(out.read_text()), out.parent
 
@@ -143,12 +201,20 @@ def test_small_study_scores_every_variant_on_the_same_whole_validation_split(sma
 
 def test_small_study_fine_tunes_against_both_controls_and_writes_table_and_plots(small_study):
     results, out_dir = small_study
-    ds = results["corpora"]["wordnet"]["downstream"]["results"]
-    assert {"softmax", "adaptive_softmax", "control: random init", "control: table embeddings, no pretraining"} <= set(ds)
-    for by_budget in ds.values():
-        assert set(by_budget) == {"20 per class", "100 per class"}
-        assert all(0 <= b["mean"] <= 1 for b in by_budget.values())
+    tasks = results["corpora"]["wordnet"]["downstream"]["tasks"]
+    assert list(tasks) == ["wordnet-domains", "quips"] and "docs" not in tasks  # downstream on the first corpus only
+    assert "downstream" not in results["corpora"]["docs"]
+    for task in tasks.values():
+        ds = task["results"]
+        assert {"softmax", "adaptive_softmax", "control: random init", "control: table embeddings, no pretraining"} <= set(ds)
+        for by_budget in ds.values():
+            assert set(by_budget) == {"20 per class", "100 per class"}
+            assert all(0 <= b["mean"] <= 1 for b in by_budget.values())
+    # each task fine-tunes on its own files: the quips runs read the built fortunes task
+    quips_run = Path(results["corpora"]["wordnet"]["downstream"]["tasks"]["quips"]["train_file"])
+    assert quips_run.parent.name == "quips" and "computers" in quips_run.read_text()
     table = (out_dir / quality.MARKDOWN).read_text()
+    assert "### Downstream task wordnet-domains" in table and "### Downstream task quips" in table
     assert "## Corpus: wordnet" in table and "## Corpus: docs" in table and "cosine+csls" in table
     # --downstream-steps (the --small default): the downstream encoders are pretrained by runs of their own,
     # not the equal-time runs (6 steps), and the table says so beside the fine-tuning recipe.
