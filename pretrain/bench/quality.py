@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.downstream.tasks import DEFAULT_TASKS, Task, parse_tasks
 from pretrain.config import REPO_ROOT, load_config
+from pretrain.downstream.tasks import DEFAULT_TASKS, Task, parse_tasks
 
 HELP = "quality study: every head variant at equal tokens and equal CPU time, scored on the same masked positions"
 DESCRIPTION = __doc__
@@ -416,7 +416,9 @@ def _carrier(cfg, manifest):
 
 def downstream(encoders: dict[str, Path], cfg, task: Task, workdir: Path, seeds: int, scarce_per_class: int, many_per_class: int = 0) -> dict:
     """Fine-tuning accuracy on `task` (mean, spread = max - min over seeds) per encoder and label budget;
-    'random init' is the first encoder's architecture from random weights (finetune --from-scratch)."""
+    'random init' is the first encoder's architecture from random weights (finetune --from-scratch).
+    The TF-IDF + logistic regression row (same rows and seeds, fitted beside the first encoder's runs) says
+    how much of the task plain word overlap solves."""
     from pretrain.downstream.classify import label_vocabulary, read_labelled
     from pretrain.downstream.finetune import finetune
 
@@ -432,19 +434,31 @@ def downstream(encoders: dict[str, Path], cfg, task: Task, workdir: Path, seeds:
                f"{many_per_class} per class" if many_per_class else "all labels": many_per_class * classes}
     first = next(iter(encoders.values()))
     runs = {**{name: (path, False) for name, path in encoders.items()}, "control: random init": (first, True)}
-    results = {}
+    results, lexical = {}, {}
     for name, (init_dir, scratch) in runs.items():
         results[name] = {}
         for budget, rows in budgets.items():
             accs = []
+            ft_cfg.finetune.tfidf_baseline = name == next(iter(runs))
             for seed in range(seeds):
                 ft_cfg.finetune.seed = seed
                 ft_cfg.finetune.max_train_examples = rows
                 report = finetune(ft_cfg, init_dir, workdir / "finetune" / task.name / _slug(name) / _slug(budget) / str(seed),
                                   from_scratch=scratch)
                 accs.append(report["accuracy"])
-            results[name][budget] = {"mean": float(np.mean(accs)), "spread": float(np.max(accs) - np.min(accs)), "accuracies": accs}
+                if report.get("tfidf_baseline"):
+                    lexical.setdefault(budget, []).append(report["tfidf_baseline"]["accuracy"])
+            results[name][budget] = _spread(accs)
+    if lexical:
+        results[TFIDF] = {budget: _spread(accs) for budget, accs in lexical.items()}
     return results
+
+
+TFIDF = "reference: TF-IDF + logistic regression"
+
+
+def _spread(accs: list[float]) -> dict:
+    return {"mean": float(np.mean(accs)), "spread": float(np.max(accs) - np.min(accs)), "accuracies": accs}
 
 
 PEERS = ("softmax", "adaptive_softmax")
@@ -454,7 +468,7 @@ def downstream_verdict(results: dict) -> dict | None:
     """The best continuous encoder (highest mean accuracy over the label budgets) against softmax and both
     controls, per budget: the gap of the means and whether it exceeds the seed spread (the larger of the
     two encoders' max - min). goal_met: it beats every one of them in every budget."""
-    continuous = [n for n in results if n not in PEERS and not n.startswith("control")]
+    continuous = [n for n in results if n not in PEERS and not n.startswith(("control", "reference"))]
     if not continuous:
         return None
     best = max(continuous, key=lambda n: np.mean([b["mean"] for b in results[n].values()]))

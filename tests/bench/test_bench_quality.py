@@ -94,7 +94,8 @@ def test_downstream_verdict_beats_only_when_the_gap_exceeds_the_larger_spread():
                "learned_vmf": {"20": row(0.69, 0.01), "100": row(0.79, 0.02)},
                "cosine": {"20": row(0.50, 0.01), "100": row(0.70, 0.01)},
                "control: random init": {"20": row(0.59, 0.04), "100": row(0.725, 0.02)},
-               "control: table embeddings, no pretraining": {"20": row(0.66, 0.012), "100": row(0.775, 0.011)}}
+               "control: table embeddings, no pretraining": {"20": row(0.66, 0.012), "100": row(0.775, 0.011)},
+               quality.TFIDF: {"20": row(0.90, 0.0), "100": row(0.95, 0.0)}}  # a reference, never the best encoder
     verdict = quality.downstream_verdict(results)
     assert verdict["encoder"] == "learned_vmf" and set(verdict["against"]) == {"softmax", "control: random init",
                                                                              "control: table embeddings, no pretraining"}
@@ -210,6 +211,9 @@ def test_small_study_fine_tunes_against_both_controls_and_writes_table_and_plots
         for by_budget in ds.values():
             assert set(by_budget) == {"20 per class", "100 per class"}
             assert all(0 <= b["mean"] <= 1 for b in by_budget.values())
+        # the lexical reference: fitted once per budget and seed, on the same rows as the encoders
+        assert all(len(b["accuracies"]) == results["corpora"]["wordnet"]["downstream"]["seeds"] for b in ds[quality.TFIDF].values())
+        assert task["verdict"]["encoder"] not in (quality.TFIDF, "softmax", "adaptive_softmax")
     # each task fine-tunes on its own files: the quips runs read the built fortunes task
     quips_run = Path(results["corpora"]["wordnet"]["downstream"]["tasks"]["quips"]["train_file"])
     assert quips_run.parent.name == "quips" and "computers" in quips_run.read_text()
