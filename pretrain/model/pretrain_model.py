@@ -143,9 +143,11 @@ class PretrainModel(nn.Module):
             return self.head.loss(hidden, labels[rows])
         return self.loss_from_outputs(self.head(hidden), labels[rows])
 
-    def loss_table(self) -> torch.Tensor:
+    def loss_table(self, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The table the loss reads; with learned targets and labels, only the labelled rows carry a
+        gradient path (the margin loss also reads its negatives: it gets the whole table's)."""
         if self.learned_targets is not None:
-            return self.learned_targets.table_for_loss()
+            return self.learned_targets.table_for_loss(labels if self.loss_kind != "margin" else None)
         if self.frozen_table is None:
             raise ValueError("the continuous head needs a target table: build_model(cfg, vocab_size, target_table=...)")
         return self.frozen_table
@@ -157,7 +159,7 @@ class PretrainModel(nn.Module):
             with torch.no_grad():
                 accuracy = (outputs.argmax(-1) == labels).float().mean() if labels.numel() else outputs.new_zeros(())
             return {"loss": loss, "accuracy": accuracy, "n_targets": labels.new_tensor(labels.numel())}
-        table = self.loss_table()
+        table = self.loss_table(labels)
         scale = self.kappa_scale()
         scaled = outputs if scale == 1.0 else outputs * scale
         loss = continuous_loss(scaled, labels, table, self.loss_kind, impl=self.loss_impl, **self.loss_params)
@@ -166,7 +168,7 @@ class PretrainModel(nn.Module):
         return {"loss": loss, **self._continuous_metrics(outputs, labels, table)}
 
     def _fused_continuous_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> dict:
-        table = self.loss_table()
+        table = self.loss_table(labels)
         proj = self.head.proj
         loss = fused_linear_continuous_loss(hidden, proj.weight, proj.bias, labels, table, self.loss_kind,
                                             self.chunk_size, impl=self.loss_impl, **self.loss_params)

@@ -218,6 +218,38 @@ def test_learned_targets_are_a_trainable_submodule_with_their_own_lr(table):
     assert weight.grad is not None and weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("loss_name", ["vmf_practice", "cosine", "margin"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_learned_table_reads_only_the_target_rows_and_gives_the_full_tables_gradients(loss_name, fused, table, monkeypatch):
+    """The model hands the loss a table whose target rows alone carry the gradient path (cheap at
+    large V); loss and every gradient must equal those through the whole normalised table. The margin
+    loss reads its negatives too: it must get the whole table's path."""
+    from pretrain.targets.learned import LearnedTargets
+
+    batch = Objective("masked", VOCAB, 0.3)(make_batch(), batch_generator(0, 1, 0, 0))
+    assert batch["labels"][batch["labels"] != IGNORE_INDEX].unique().numel() < (batch["labels"] != IGNORE_INDEX).sum()  # repeats
+    results, read = [], []
+    full_table = LearnedTargets.table_for_loss
+    for whole in (True, False):
+        if whole:
+            monkeypatch.setattr(LearnedTargets, "table_for_loss", lambda self, read_ids=None: full_table(self, None))
+        else:
+            monkeypatch.setattr(LearnedTargets, "table_for_loss", lambda self, read_ids=None: read.append(read_ids) or full_table(self, read_ids))
+        torch.manual_seed(0)
+        cfg = make_cfg(loss={"name": loss_name, "fused_head": fused, "chunk_size": 4},
+                       targets={"learned": True, "contrastive_negatives": 8})
+        model = build_model(cfg, VOCAB, table)
+        torch.manual_seed(1)  # the same sampled negatives in both runs
+        out = model(batch)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert (read[0] is None) == (loss_name == "margin")
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and "learned_targets.weight" in results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, msg=name)
+
+
 def test_vocabulary_mismatch_between_model_and_table_is_refused(table):
     with pytest.raises(ValueError, match="rows but the vocabulary"):
         build_model(make_cfg(), VOCAB + 1, table)

@@ -100,6 +100,27 @@ def test_sampled_negatives_get_gradient():
     assert 5 + 50 <= touched <= 5 + 64
 
 
+@pytest.mark.parametrize("remedy", ["contrastive", "vicreg", "none"])
+def test_table_for_the_read_rows_equals_the_whole_normalised_table(remedy):
+    """table_for_loss(read_ids) normalises only the rows the loss reads under autograd: its values,
+    and the gradient of a loss reading those rows (repeated and ignored ids included), must equal
+    those of the whole table's normalisation."""
+    torch.manual_seed(0)
+    lt = LearnedTargets(3 * torch.randn(50, 6), remedy)
+    lt.weight.data[7] *= 5  # rows of different norms: the normalisation's gradient is not trivial
+    ids = torch.tensor([[7, 3, -100], [7, 7, 12]])
+    weights = torch.randn(2, 3, 6)
+    grads = []
+    for read_ids in (None, ids):
+        lt.weight.grad = None
+        table = lt.table_for_loss(read_ids)
+        torch.testing.assert_close(table, F.normalize(lt.weight.detach(), dim=1))
+        (table[ids.clamp_min(0)] * weights * (ids >= 0)[..., None]).sum().backward()
+        grads.append(lt.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+    assert grads[0][7].abs().sum() > 0 and grads[0][[0, 1, 2]].abs().sum() == 0
+
+
 def test_ema_table_has_no_gradient_and_follows_the_weights():
     init = random_unit_table(6, 3, seed=0)
     lt = LearnedTargets(init, "ema", ema_decay=0.9)
