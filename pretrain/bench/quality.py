@@ -380,11 +380,14 @@ def paired_bootstrap(hits: np.ndarray, reference: np.ndarray, seed: int = 0, rou
     return {"diff": float(diff.mean()), "ci95": [float(low), float(high)]}
 
 
-def compare_to_softmax(rows: dict[str, dict], hits: dict[str, dict[str, np.ndarray]]) -> None:
+def compare_to_peers(rows: dict[str, dict], hits: dict[str, dict[str, np.ndarray]]) -> None:
+    """Paired differences of every row to softmax and, when it ran, of every continuous row to adaptive
+    softmax (the peer it must beat on speed at equal quality)."""
     for name, row in rows.items():
-        if name == "softmax":
-            continue
-        row["vs_softmax"] = {k: paired_bootstrap(hits[name][k], hits["softmax"][k]) for k in ("top1", "top5")}
+        for peer in PEERS:
+            if peer not in hits or row["base_variant"] == peer or (peer != "softmax" and row["base_variant"] in PEERS):
+                continue
+            row[f"vs_{peer}"] = {k: paired_bootstrap(hits[name][k], hits[peer][k]) for k in ("top1", "top5")}
 
 
 # Downstream --------------------------------------------------------------------------------------
@@ -532,7 +535,7 @@ def run_corpus(corpus: Corpus, base_cfg, variants: dict[str, list[str]], args, s
             if budget == "equal_time":
                 kept_models[name] = (model, vcfg, training)
     for budget in budgets:
-        compare_to_softmax(budgets[budget], hits[budget])
+        compare_to_peers(budgets[budget], hits[budget])
     result = {"corpus": corpus.name, "paths": corpus.paths, "doc_separator": corpus.doc_separator, "vocab_size": vocab,
               "train_tokens": int(counts.sum()), "valid_positions": int(len(reference_targets)), "steps": steps,
               "softmax_cpu_s": softmax_cpu, "most_frequent_piece": _piece(cfg, int(np.argmax(counts))), "budgets": budgets}
@@ -657,6 +660,11 @@ def markdown(results: dict) -> str:
                              f"{_ci(vs.get('top1'))} | {_pct(row['top5'])} | {_ci(vs.get('top5'))} | {buckets} | "
                              f"{_pct(row['top1_without_most_frequent'])} | {_pct(row['most_frequent_predicted_share'])} / "
                              f"{_pct(row['most_frequent_true_share'])} | {row['distinct_predicted']} |")
+            versus = [row for row in rows.values() if "vs_adaptive_softmax" in row]
+            if versus:
+                lines += ["", "Δ vs adaptive softmax, paired 95% interval (points): " + "; ".join(
+                    f"{row['variant']} top-1 {_ci(row['vs_adaptive_softmax']['top1'])}, top-5 {_ci(row['vs_adaptive_softmax']['top5'])}"
+                    for row in versus)]
             lines.append("")
         ds = corpus.get("downstream", {})
         for task_name, task in ds.get("tasks", {}).items():

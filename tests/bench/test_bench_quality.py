@@ -196,6 +196,11 @@ def test_small_study_scores_every_variant_on_the_same_whole_validation_split(sma
                 if name != "softmax":
                     low, high = row["vs_softmax"]["top1"]["ci95"]
                     assert low <= row["vs_softmax"]["top1"]["diff"] <= high
+                # continuous rows are also compared with adaptive softmax on the same positions
+                assert ("vs_adaptive_softmax" in row) == (row["base_variant"] not in ("softmax", "adaptive_softmax"))
+                if "vs_adaptive_softmax" in row:
+                    diff = row["vs_adaptive_softmax"]["top1"]["diff"]
+                    assert diff == pytest.approx(row["top1"] - rows["adaptive_softmax"]["top1"], abs=1e-9)
         # Equal tokens: every variant took the same number of steps.
         assert {r["training"]["steps"] for r in corpus["budgets"]["equal_tokens"].values()} == {results["steps"]}
 
@@ -220,6 +225,7 @@ def test_small_study_fine_tunes_against_both_controls_and_writes_table_and_plots
     table = (out_dir / quality.MARKDOWN).read_text()
     assert "### Downstream task wordnet-domains" in table and "### Downstream task quips" in table
     assert "## Corpus: wordnet" in table and "## Corpus: docs" in table and "cosine+csls" in table
+    assert "Δ vs adaptive softmax, paired 95% interval (points): cosine top-1 " in table
     # --downstream-steps (the --small default): the downstream encoders are pretrained by runs of their own,
     # not the equal-time runs (6 steps), and the table says so beside the fine-tuning recipe.
     pretraining = results["corpora"]["wordnet"]["downstream"]["pretraining"]
