@@ -7,9 +7,9 @@ from pathlib import Path
 from pretrain.downstream.tasks import build_fortunes_task, read_fortunes, FORTUNES_DIR
 
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
-tmp = Path(tempfile.mkdtemp())
-build_fortunes_task(FORTUNES_DIR, tmp)
-held = {json.loads(l)["text"] for l in (tmp / "valid.jsonl").read_text().splitlines()}
+with tempfile.TemporaryDirectory() as tmp:  # the task's split, built as the study builds it
+    build_fortunes_task(FORTUNES_DIR, Path(tmp))
+    held = {json.loads(l)["text"] for l in (Path(tmp) / "valid.jsonl").read_text().splitlines()}
 entries, dropped = [], 0
 for f in sorted(FORTUNES_DIR.iterdir()):
     if f.suffix or not f.is_file() or f.is_symlink() or f.name == "ascii-art":  # pictures, not text

@@ -384,10 +384,10 @@ def compare_to_peers(rows: dict[str, dict], hits: dict[str, dict[str, np.ndarray
     """Paired differences of every row to softmax and, when it ran, of every continuous row to adaptive
     softmax (the peer it must beat on speed at equal quality)."""
     for name, row in rows.items():
-        for peer in PEERS:
-            if peer not in hits or row["base_variant"] == peer or (peer != "softmax" and row["base_variant"] in PEERS):
-                continue
-            row[f"vs_{peer}"] = {k: paired_bootstrap(hits[name][k], hits[peer][k]) for k in ("top1", "top5")}
+        peers = PEERS if row["base_variant"] not in PEERS else ("softmax",)
+        for peer in peers:
+            if peer in hits and peer != row["base_variant"]:
+                row[f"vs_{peer}"] = {k: paired_bootstrap(hits[name][k], hits[peer][k]) for k in ("top1", "top5")}
 
 
 # Downstream --------------------------------------------------------------------------------------

@@ -81,6 +81,10 @@ class LearnedTargets(nn.Module):
         """The trainable table with unit rows (differentiable)."""
         return F.normalize(self.weight, dim=1)
 
+    def unit_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """unit_table()[ids] (differentiable), without normalising the other V rows."""
+        return F.normalize(self.weight[ids], dim=1)
+
     def table_for_loss(self, read_ids: torch.Tensor | None = None) -> torch.Tensor:
         """What the continuous loss compares predictions against: the unit rows [V, D].
 
@@ -96,7 +100,7 @@ class LearnedTargets(nn.Module):
         ids = torch.unique(read_ids.reshape(-1).clamp_min(0))
         with torch.no_grad():
             table = F.normalize(self.weight, dim=1)
-        return table.index_put((ids,), F.normalize(self.weight[ids], dim=1))
+        return table.index_put((ids,), self.unit_rows(ids))
 
     @torch.no_grad()
     def table_for_decoding(self) -> torch.Tensor:
@@ -118,10 +122,10 @@ class LearnedTargets(nn.Module):
             return pred.new_zeros(())
         if self.remedy == "ema":
             # The table moves toward the predictions; the predictions learn from the EMA copy.
-            rows = self.unit_table()[targets]
+            rows = self.unit_rows(targets)
             return (1 - F.cosine_similarity(pred.detach().float(), rows, dim=-1)).mean()
         candidates, labels = self._candidates(targets)
-        rows = F.normalize(self.weight[candidates], dim=1)  # = unit_table()[candidates], without normalising all V rows
+        rows = self.unit_rows(candidates)
         if self.remedy == "contrastive":
             logits = F.normalize(pred.float(), dim=-1) @ rows.T / self.temperature
             return self.contrastive_weight * F.cross_entropy(logits, labels)
