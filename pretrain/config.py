@@ -189,8 +189,9 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     zero_stage: Literal[0, 1, 2, 3] = 1
-    # Input embedding with row-sparse gradients and a lazy AdamW step on the batch's rows only
-    # (pretrain/engine/optim.py): the step no longer costs O(V). ZeRO-0, fp32, no pipeline.
+    # Input embedding and learned target table (targets.learned) with row-sparse gradients and a lazy
+    # AdamW step on the batch's rows only (pretrain/engine/optim.py): the step no longer costs O(V).
+    # ZeRO-0, fp32, no pipeline.
     sparse_embedding: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
     pipeline_stages: int = Field(1, gt=0)
@@ -306,13 +307,16 @@ class Config(Section):
         if self.train.sparse_embedding:
             blockers = {"train.zero_stage": self.train.zero_stage != 0, "train.precision": self.train.precision != "fp32",
                         "train.pipeline_stages": self.train.pipeline_stages > 1,
-                        "model.tie_softmax": self.model.head == "softmax" and self.model.tie_softmax}
+                        "model.tie_softmax": self.model.head == "softmax" and self.model.tie_softmax,
+                        "loss.name": self.model.head == "continuous" and self.targets.learned and self.loss.name == "margin"}
             if any(blockers.values()):
                 # DeepSpeed reduces sparse gradients only in its ZeRO-0 fp32 path (ZeRO-1/2/3, the bf16
                 # optimizer and the pipeline flatten every gradient into dense buffers); a tied softmax
-                # weight gets a dense gradient from the output layer.
+                # weight gets a dense gradient from the output layer, and so does a learned target table
+                # under the margin loss (it reads negative rows of the whole table).
                 raise ValueError("train.sparse_embedding=true needs train.zero_stage=0, train.precision=fp32, "
-                                 "train.pipeline_stages=1 and model.tie_softmax=false (offending: "
+                                 "train.pipeline_stages=1, model.tie_softmax=false and, with targets.learned, "
+                                 "a loss.name other than margin (offending: "
                                  f"{', '.join(k for k, on in blockers.items() if on)}); change those or set "
                                  "train.sparse_embedding=false")
         if self.model.input_embedding == "targets":

@@ -58,7 +58,7 @@ def tiny_runs(tiny_data, tmp_path_factory):
 
     2 processes each, 16 steps, checkpoints at steps 8 and 16, tiny encoder (d_model 32, 2 layers),
     random target table (dim 16, vmf_practice loss). Names: "zero2", "zero3" (continuous head, masked),
-    "softmax" (ZeRO-2, softmax head), "zero1" (causal, bf16, grad_accum 2), "zero0" (bf16), "sparse" (ZeRO-0, causal, row-sparse input embedding), "pipeline" (2 stages, ZeRO-1), "learned" (ZeRO-3, learned
+    "softmax" (ZeRO-2, softmax head), "zero1" (causal, bf16, grad_accum 2), "zero0" (bf16), "sparse" (ZeRO-0, causal, row-sparse input embedding and learned target table), "pipeline" (2 stages, ZeRO-1), "learned" (ZeRO-3, learned
     targets, contrastive remedy: meta["targets_path"] names the checkpoint's own targets.safetensors),
     "table_input", "table_input_softmax", "table_input_learned", "table_input_pipeline" (model.input_embedding=targets
     under ZeRO-2, ZeRO-3 + bf16 softmax, ZeRO-3 learned targets, 2 pipeline stages).

@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import logging
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +58,10 @@ VARIANTS = {
     "vmf_practice": ["model.head=continuous", "loss.name=vmf_practice"],
     "syn_margin": ["model.head=continuous", "loss.name=syn_margin_orth"],
     "learned_vmf": ["model.head=continuous", "loss.name=vmf_practice", "targets.learned=true"],
+    # Row-sparse input embedding (and learned table) with the lazy row AdamW: the O(V) optimizer work gone.
+    "learned_vmf_sparse": ["model.head=continuous", "loss.name=vmf_practice", "targets.learned=true",
+                           "train.sparse_embedding=true", "train.zero_stage=0"],
+    "adaptive_softmax_sparse": ["model.head=softmax", "adaptive", "train.sparse_embedding=true", "train.zero_stage=0"],
     "vmf_D128": ["model.head=continuous", "loss.name=vmf_practice", "targets.dim=128"],
 }
 # The study's scale (README "Accuracy: the quality study"): about 50 min on a busy 2-core CPU for the
@@ -188,8 +195,30 @@ def _stamped(stamp_file: Path, key: dict, build) -> None:
     stamp_file.write_text(text)
 
 
-def prepare_corpus(base_cfg, corpus: Corpus, workdir: Path, max_bytes: int):
-    """The corpus' config (data prepared, counts of pieces in the train split)."""
+def corpus_source(corpus: Corpus) -> dict:
+    """What the corpus text was: sha256 over its files (sorted; each file's name and bytes), and the Debian
+    package (with version) that installed each path, if one did - an upgrade of python3.11-doc changed
+    the Python-docs figures once (V 14,359 -> 14,283) and nothing in the results said so."""
+    from pretrain.data.corpus import resolve_corpus_files
+
+    digest, files, size = hashlib.sha256(), resolve_corpus_files(corpus.paths), 0
+    for path in files:
+        data = path.read_bytes()
+        digest.update(path.name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+        size += len(data)
+    packages = {}
+    if shutil.which("dpkg-query"):
+        for path in corpus.paths:
+            owner = subprocess.run(["dpkg-query", "-S", str(Path(path).resolve())], capture_output=True, text=True, timeout=60)
+            for package in {line.split(":")[0] for line in owner.stdout.splitlines() if ":" in line} if owner.returncode == 0 else ():
+                version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True, timeout=60)
+                packages[package] = version.stdout.strip() if version.returncode == 0 else "unknown"
+    return {"sha256": digest.hexdigest(), "files": len(files), "bytes": size, "debian_packages": packages}
+
+
+def prepare_corpus(base_cfg, corpus: Corpus, workdir: Path, max_bytes: int, source: dict | None = None):
+    """The corpus' config (data prepared, counts of pieces in the train split). source (corpus_source):
+    prepared data are reused only for the same corpus text."""
     from pretrain.data.prepare import prepare_dataset
     from pretrain.data.stream import iter_samples
 
@@ -201,7 +230,8 @@ def prepare_corpus(base_cfg, corpus: Corpus, workdir: Path, max_bytes: int):
     cfg.data.doc_separator = corpus.doc_separator
     cfg.data.dir = None
     cfg.targets.path = None
-    key = {"data": cfg.data.model_dump(mode="json"), "tokenizer": cfg.tokenizer.model_dump(mode="json"), "bytes": max_bytes}
+    key = {"data": cfg.data.model_dump(mode="json"), "tokenizer": cfg.tokenizer.model_dump(mode="json"), "bytes": max_bytes,
+           "source_sha256": (source or corpus_source(corpus))["sha256"]}
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     _stamped(cfg.data_dir / "quality-stamp.json", key, lambda: prepare_dataset(cfg, progress=False))
     manifest = json.loads((cfg.data_dir / "manifest.json").read_text())
@@ -259,21 +289,28 @@ def build_variant(cfg, overrides: list[str], vocab_size: int, table: torch.Tenso
 
 
 def train(model, cfg, steps: int) -> dict:
-    """Plain single-process training (AdamW, the config's warm-up + cosine lr and clipping): the same
-    loop, data order and masks for every variant. Returns the process CPU seconds of the steps."""
+    """Plain single-process training with the trainer's optimizer (pretrain.engine.optim: fused AdamW;
+    with train.sparse_embedding the lazy row update of the vocabulary tables), warm-up + decay lr and
+    clipping: the same loop, data order and masks for every variant. Returns the steady process CPU
+    seconds: those of steps 2.. scaled to all steps (step 1 pays one-off costs - lazy imports of a
+    head's code path, the loader's shuffle buffer - which at the study's few hundred steps favoured
+    whichever variant ran after another had paid them); first_step_cpu_s is step 1's own."""
     from pretrain.data.stream import build_loader
+    from pretrain.engine.optim import build_optimizer, clip_grad_norm
     from pretrain.engine.schedule import lr_at, set_lr
     from pretrain.model import batch_generator
 
     tc = cfg.train
     loader = build_loader(cfg.data_dir, "train", batch_size=tc.micro_batch_size, rank=0, world_size=1, num_workers=0,
                           seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer)
-    optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay, tc.lr), lr=tc.lr)
+    optimizer = build_optimizer(model.param_groups(tc.weight_decay, tc.lr), tc)
     model.train()
     batches = iter(loader)
     losses = []
-    start = time.process_time()
+    start = first_done = time.process_time()
     for step in range(1, steps + 1):
+        if step == 2:
+            first_done = time.process_time()
         set_lr(optimizer, lr_at(step, base_lr=tc.lr, warmup_steps=min(tc.warmup_steps, steps // 2), total_steps=steps,
                                 min_lr_ratio=tc.min_lr_ratio))
         batch = model.objective(next(batches), batch_generator(tc.seed, step, 0, 0))
@@ -283,13 +320,15 @@ def train(model, cfg, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            clip_grad_norm([p.grad for p in model.parameters() if p.grad is not None], tc.grad_clip)
         optimizer.step()
         model.after_optimizer_step()
         losses.append(loss.item())
-    cpu = time.process_time() - start
+    end = time.process_time()
+    cpu = (end - first_done) * steps / (steps - 1) if steps > 1 else end - start
     model.eval()
-    return {"steps": steps, "cpu_s": round(cpu, 3), "final_loss": round(float(np.mean(losses[-max(1, steps // 10):])), 4)}
+    return {"steps": steps, "cpu_s": round(cpu, 3), "first_step_cpu_s": round((first_done if steps > 1 else end) - start, 3),
+            "final_loss": round(float(np.mean(losses[-max(1, steps // 10):])), 4)}
 
 
 # Scoring -----------------------------------------------------------------------------------------
@@ -494,7 +533,8 @@ def _slug(text: str) -> str:
 # The study ---------------------------------------------------------------------------------------
 
 def run_corpus(corpus: Corpus, base_cfg, variants: dict[str, list[str]], args, steps: int, max_bytes: int) -> dict:
-    cfg, counts, manifest = prepare_corpus(base_cfg, corpus, Path(args.workdir), max_bytes)
+    source = corpus_source(corpus)
+    cfg, counts, manifest = prepare_corpus(base_cfg, corpus, Path(args.workdir), max_bytes, source)
     vocab, special = manifest["vocab_size"], manifest["special_ids"]
     log.info("quality: corpus %s, %d train tokens, V=%d", corpus.name, int(counts.sum()), vocab)
     budgets = {"equal_tokens": {}, "equal_time": {}}
@@ -536,7 +576,7 @@ def run_corpus(corpus: Corpus, base_cfg, variants: dict[str, list[str]], args, s
                 kept_models[name] = (model, vcfg, training)
     for budget in budgets:
         compare_to_peers(budgets[budget], hits[budget])
-    result = {"corpus": corpus.name, "paths": corpus.paths, "doc_separator": corpus.doc_separator, "vocab_size": vocab,
+    result = {"corpus": corpus.name, "paths": corpus.paths, "source": source, "doc_separator": corpus.doc_separator, "vocab_size": vocab,
               "train_tokens": int(counts.sum()), "valid_positions": int(len(reference_targets)), "steps": steps,
               "softmax_cpu_s": softmax_cpu, "most_frequent_piece": _piece(cfg, int(np.argmax(counts))), "budgets": budgets}
     return result, kept_models, cfg, counts, manifest
@@ -647,6 +687,10 @@ def markdown(results: dict) -> str:
     for name, corpus in results["corpora"].items():
         lines += ["", f"## Corpus: {name} ({corpus['train_tokens']:,} train tokens, V={corpus['vocab_size']}, "
                       f"{corpus['valid_positions']:,} scored positions, documents split by {corpus['doc_separator']})", ""]
+        if "source" in corpus:  # (results written before the source was recorded lack it)
+            source = corpus["source"]
+            packages = "".join(f", Debian {p} {v}" for p, v in source["debian_packages"].items())
+            lines += [f"Text: {source['files']} files, {source['bytes']:,} bytes, sha256 {source['sha256'][:16]}…{packages}.", ""]
         for budget, rows in corpus["budgets"].items():
             lines += [f"### {budget.replace('_', ' ')}", "",
                       "| variant | steps | CPU s | top-1 | Δ top-1 vs softmax [95% CI] | top-5 | Δ top-5 [95% CI] | "

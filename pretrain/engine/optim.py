@@ -1,10 +1,11 @@
-"""The optimizer: AdamW for dense gradients, a lazy row-wise AdamW for a row-sparse input embedding.
+"""The optimizer: AdamW for dense gradients, a lazy row-wise AdamW for row-sparse vocabulary tables.
 
-Why: the input embedding is V x d_model, but a batch touches only its own ids. A dense AdamW step
-reads and writes all V rows (four V x d tensors) every step, which at V = 128k cost most of a
-small model's step: the vocabulary cost moved from the output head into the optimizer. With
-``train.sparse_embedding`` the embedding's gradient is sparse (nn.Embedding(sparse=True)) and
-``RowSparseAdamW`` updates only the rows in it.
+Why: the input embedding is V x d_model (a learned target table V x D), but a batch touches only its
+own ids. A dense AdamW step reads and writes all V rows (four V x d tensors) every step, which at
+V = 128k cost most of a small model's step: the vocabulary cost moved from the output head into the
+optimizer. With ``train.sparse_embedding`` the embedding's gradient is sparse (nn.Embedding(sparse=True)),
+and so is the learned target table's (LearnedTargets(sparse_grad=True): the rows the loss and the
+anti-collapse term read), and ``RowSparseAdamW`` updates only the rows in them.
 
 Lazy semantics (as torch.optim.SparseAdam, TF LazyAdam): a row's moments and weight decay advance
 only on steps whose batch contains it. A row touched on every step follows exactly torch's AdamW;
@@ -32,6 +33,18 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     parts = [torch.nn.utils.get_total_norm(dense)] if dense else []
     parts += [v.norm() for v in sparse]
     return torch.stack(parts).norm() if parts else torch.zeros(())
+
+
+@torch.no_grad()
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for gradients that may include sparse ones (outside DeepSpeed,
+    which clips inside its engine). Returns the norm before clipping."""
+    norm = grad_norm(grads)
+    scale = max_norm / (float(norm) + 1e-6)
+    if scale < 1.0:
+        for grad in grads:
+            grad.mul_(scale)
+    return norm
 
 
 class RowSparseAdamW(GuardedAdamW):

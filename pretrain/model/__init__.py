@@ -46,7 +46,7 @@ def build_model(cfg, vocab_size: int, target_table: torch.Tensor | None = None, 
                 raise ValueError("targets.learned needs an initial target table")
             from pretrain.targets.learned import LearnedTargets
 
-            learned = LearnedTargets.from_config(cfg.targets, target_table)
+            learned = LearnedTargets.from_config(cfg.targets, target_table, sparse_grad=cfg.train.sparse_embedding)
     else:
         head = SoftmaxHead(mcfg.d_model, vocab_size, tied_embedding=encoder.embed.tok_emb if mcfg.tie_softmax else None)
     objective = Objective(mcfg.objective, vocab_size, mcfg.mask_prob, special_ids)

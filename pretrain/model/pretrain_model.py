@@ -143,14 +143,17 @@ class PretrainModel(nn.Module):
             return self.head.loss(hidden, labels[rows])
         return self.loss_from_outputs(self.head(hidden), labels[rows])
 
-    def loss_table(self, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The table the loss reads; with learned targets and labels, only the labelled rows carry a
-        gradient path (the margin loss also reads its negatives: it gets the whole table's)."""
+    def loss_table(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table, ids) the loss reads: the target table and labels; with learned targets, only the
+        labelled rows and labels renumbered into them (LearnedTargets.rows_for_loss), except for the
+        margin loss, which also reads its negatives and gets the whole table."""
         if self.learned_targets is not None:
-            return self.learned_targets.table_for_loss(labels if self.loss_kind != "margin" else None)
+            if self.loss_kind == "margin":
+                return self.learned_targets.table_for_loss(), labels
+            return self.learned_targets.rows_for_loss(labels)
         if self.frozen_table is None:
             raise ValueError("the continuous head needs a target table: build_model(cfg, vocab_size, target_table=...)")
-        return self.frozen_table
+        return self.frozen_table, labels
 
     def loss_from_outputs(self, outputs: torch.Tensor, labels: torch.Tensor) -> dict:
         """Loss and metrics of head outputs [N, D or V] at target positions with ids labels [N]."""
@@ -159,25 +162,25 @@ class PretrainModel(nn.Module):
             with torch.no_grad():
                 accuracy = (outputs.argmax(-1) == labels).float().mean() if labels.numel() else outputs.new_zeros(())
             return {"loss": loss, "accuracy": accuracy, "n_targets": labels.new_tensor(labels.numel())}
-        table = self.loss_table(labels)
+        table, ids = self.loss_table(labels)
         scale = self.kappa_scale()
         scaled = outputs if scale == 1.0 else outputs * scale
-        loss = continuous_loss(scaled, labels, table, self.loss_kind, impl=self.loss_impl, **self.loss_params)
+        loss = continuous_loss(scaled, ids, table, self.loss_kind, impl=self.loss_impl, **self.loss_params)
         if self.learned_targets is not None:
             loss = loss + self.learned_targets.extra_loss(outputs, labels)
-        return {"loss": loss, **self._continuous_metrics(outputs, labels, table)}
+        return {"loss": loss, **self._continuous_metrics(outputs, ids, table)}
 
     def _fused_continuous_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> dict:
-        table = self.loss_table(labels)
+        table, ids = self.loss_table(labels)
         proj = self.head.proj
-        loss = fused_linear_continuous_loss(hidden, proj.weight, proj.bias, labels, table, self.loss_kind,
+        loss = fused_linear_continuous_loss(hidden, proj.weight, proj.bias, ids, table, self.loss_kind,
                                             self.chunk_size, impl=self.loss_impl, **self.loss_params)
         with torch.no_grad():
             pred = proj(hidden)
         if self.learned_targets is not None:
             # The remedy needs the predictions with their gradient: recompute them outside the fused op.
             loss = loss + self.learned_targets.extra_loss(proj(hidden), labels)
-        return {"loss": loss, **self._continuous_metrics(pred, labels, table)}
+        return {"loss": loss, **self._continuous_metrics(pred, ids, table)}
 
     @torch.no_grad()
     def _continuous_metrics(self, pred: torch.Tensor, labels: torch.Tensor, table: torch.Tensor) -> dict:

@@ -1,5 +1,6 @@
 """`pretrain bench quality`: the study's parts (scores, bootstrap, buckets, adaptive head) and a --small run."""
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,36 @@ def test_a_table_input_encoder_is_exported_for_fine_tuning_as_an_ordinary_one(ti
     ids = torch.randint(5, table.shape[0], (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported.encode(ids), model.encode(ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["learned_vmf_sparse", "adaptive_softmax_sparse", "learned_vmf"])
+def test_the_study_trains_with_the_trainers_optimizer_and_sparse_variants_move_only_the_rows_read(tiny_targets, variant, monkeypatch):
+    """quality.train uses pretrain.engine.optim.build_optimizer (the trainer's AdamW); the *_sparse
+    variants get the lazy row update, so input-embedding rows (and learned-table rows) of pieces no
+    batch held stay where they started, while a dense AdamW's weight decay moves every row."""
+    from pretrain.engine import optim
+    from pretrain.targets.table import load_target_table
+
+    cfg = quality.variant_config(tiny_targets, quality.VARIANTS[variant])
+    table, _ = load_target_table(cfg.targets_path)
+    counts = np.arange(table.shape[0], 0, -1)
+    model = quality.build_variant(cfg, quality.VARIANTS[variant], table.shape[0], table, counts, None)
+    built, build = [], optim.build_optimizer
+    monkeypatch.setattr(optim, "build_optimizer", lambda groups, tc: built.append(build(groups, tc)) or built[-1])
+    tables = {"encoder.embed.tok_emb.weight": model.encoder.embed.tok_emb.weight}
+    if model.learned_targets is not None:
+        tables["learned_targets.weight"] = model.learned_targets.weight
+    start = {name: weight.detach().clone() for name, weight in tables.items()}
+    training = quality.train(model, cfg, 3)
+    sparse = variant.endswith("_sparse")
+    assert len(built) == 1 and isinstance(built[0], optim.RowSparseAdamW) == sparse
+    for name, weight in tables.items():
+        moved = int((weight != start[name]).any(dim=1).sum())
+        if sparse:
+            assert 0 < moved < weight.shape[0], name
+        elif name == "encoder.embed.tok_emb.weight":  # (the dense learned table has no weight decay)
+            assert moved == weight.shape[0]
+    assert training["steps"] == 3 and training["cpu_s"] > 0 and training["first_step_cpu_s"] > 0
 
 
 def test_downstream_verdict_beats_only_when_the_gap_exceeds_the_larger_spread():
@@ -201,6 +232,7 @@ def test_small_study_scores_every_variant_on_the_same_whole_validation_split(sma
                 if "vs_adaptive_softmax" in row:
                     diff = row["vs_adaptive_softmax"]["top1"]["diff"]
                     assert diff == pytest.approx(row["top1"] - rows["adaptive_softmax"]["top1"], abs=1e-9)
+        assert len(corpus["source"]["sha256"]) == 64 and corpus["source"]["files"] >= 1  # what text was measured
         # Equal tokens: every variant took the same number of steps.
         assert {r["training"]["steps"] for r in corpus["budgets"]["equal_tokens"].values()} == {results["steps"]}
 
@@ -225,6 +257,7 @@ def test_small_study_fine_tunes_against_both_controls_and_writes_table_and_plots
     table = (out_dir / quality.MARKDOWN).read_text()
     assert "### Downstream task wordnet-domains" in table and "### Downstream task quips" in table
     assert "## Corpus: wordnet" in table and "## Corpus: docs" in table and "cosine+csls" in table
+    assert table.count("Text: ") == 2 and results["corpora"]["docs"]["source"]["sha256"][:16] in table
     assert "Δ vs adaptive softmax, paired 95% interval (points): cosine top-1 " in table
     # --downstream-steps (the --small default): the downstream encoders are pretrained by runs of their own,
     # not the equal-time runs (6 steps), and the table says so beside the fine-tuning recipe.
@@ -243,6 +276,30 @@ def test_prepared_data_and_tables_are_reused_only_for_the_same_key(tmp_path):
     for key in ({"data": "a"}, {"data": "a"}, {"data": "b"}):  # "b": re-prepared data (another manifest)
         quality._stamped(stamp, key, lambda: built.append(1))
     assert len(built) == 2
+
+
+def test_corpus_source_changes_with_the_text_and_names_the_debian_package(tmp_path, monkeypatch):
+    """The study records what text it measured: a one-byte edit changes the digest (so prepared data
+    are not reused for it), and a path a Debian package installed is named with the package's version."""
+    (tmp_path / "a.txt").write_text("one line\n")
+    (tmp_path / "b.txt").write_text("another\n")
+    corpus = quality.Corpus("c", [str(tmp_path)], "line")
+    first = quality.corpus_source(corpus)
+    assert first["files"] == 2 and first["bytes"] == 17 and len(first["sha256"]) == 64
+    assert quality.corpus_source(corpus) == first
+    (tmp_path / "b.txt").write_text("anothe.\n")
+    assert quality.corpus_source(corpus)["sha256"] != first["sha256"]
+    calls = []
+
+    def fake_dpkg(argv, **kwargs):
+        calls.append(argv)
+        out = f"fake-doc: {argv[-1]}\n" if argv[1] == "-S" else "1.2-3"
+        return subprocess.CompletedProcess(argv, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(quality.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(quality.subprocess, "run", fake_dpkg)
+    assert quality.corpus_source(corpus)["debian_packages"] == {"fake-doc": "1.2-3"}
+    assert [c[:2] for c in calls] == [["dpkg-query", "-S"], ["dpkg-query", "-W"]]
 
 
 def test_small_study_is_logged_to_mlflow_with_its_table_and_plots(small_study):

@@ -221,20 +221,20 @@ def test_learned_targets_are_a_trainable_submodule_with_their_own_lr(table):
 @pytest.mark.parametrize("loss_name", ["vmf_practice", "cosine", "margin"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_learned_table_reads_only_the_target_rows_and_gives_the_full_tables_gradients(loss_name, fused, table, monkeypatch):
-    """The model hands the loss a table whose target rows alone carry the gradient path (cheap at
-    large V); loss and every gradient must equal those through the whole normalised table. The margin
-    loss reads its negatives too: it must get the whole table's path."""
+    """The model hands the loss only the distinct target rows, labels renumbered into them (cheap at
+    large V); loss, metrics and every gradient must equal those through the whole normalised table.
+    The margin loss reads its negatives too: it must get the whole table."""
     from pretrain.targets.learned import LearnedTargets
 
     batch = Objective("masked", VOCAB, 0.3)(make_batch(), batch_generator(0, 1, 0, 0))
     assert batch["labels"][batch["labels"] != IGNORE_INDEX].unique().numel() < (batch["labels"] != IGNORE_INDEX).sum()  # repeats
-    results, read = [], []
-    full_table = LearnedTargets.table_for_loss
+    results, compact = [], []
+    rows_for_loss = LearnedTargets.rows_for_loss
     for whole in (True, False):
         if whole:
-            monkeypatch.setattr(LearnedTargets, "table_for_loss", lambda self, read_ids=None: full_table(self, None))
+            monkeypatch.setattr(LearnedTargets, "rows_for_loss", lambda self, ids: (self.table_for_loss(), ids))
         else:
-            monkeypatch.setattr(LearnedTargets, "table_for_loss", lambda self, read_ids=None: read.append(read_ids) or full_table(self, read_ids))
+            monkeypatch.setattr(LearnedTargets, "rows_for_loss", lambda self, ids: compact.append(rows_for_loss(self, ids)) or compact[-1])
         torch.manual_seed(0)
         cfg = make_cfg(loss={"name": loss_name, "fused_head": fused, "chunk_size": 4},
                        targets={"learned": True, "contrastive_negatives": 8})
@@ -242,12 +242,83 @@ def test_learned_table_reads_only_the_target_rows_and_gives_the_full_tables_grad
         torch.manual_seed(1)  # the same sampled negatives in both runs
         out = model(batch)
         out["loss"].backward()
-        results.append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    assert (read[0] is None) == (loss_name == "margin")
-    torch.testing.assert_close(results[0][0], results[1][0])
+        results.append(({k: v.detach() for k, v in out.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert (not compact) == (loss_name == "margin")
+    if compact:
+        assert compact[0][0].shape[0] == batch["labels"][batch["labels"] != IGNORE_INDEX].unique().numel() < VOCAB
+    assert results[0][0].keys() == results[1][0].keys() and "mean_cos" in results[0][0]
+    for key, value in results[0][0].items():
+        torch.testing.assert_close(results[1][0][key], value, msg=key)
     assert results[0][1].keys() == results[1][1].keys() and "learned_targets.weight" in results[0][1]
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, msg=name)
+
+
+def _learned_model(table, sparse: bool, **loss):
+    cfg = make_cfg(loss={"name": "vmf_practice", **loss}, targets={"learned": True, "contrastive_negatives": 8},
+                   train={"sparse_embedding": sparse, "zero_stage": 0})
+    torch.manual_seed(0)
+    return build_model(cfg, VOCAB, table), cfg
+
+
+@pytest.mark.parametrize("remedy", ["contrastive", "vicreg", "ema"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_sparse_learned_table_gradient_is_the_dense_one_on_the_rows_read(remedy, fused, table):
+    """train.sparse_embedding with learned targets: the table's gradient is row-sparse, holds only the
+    rows the loss and the remedy read, and equals the dense gradient; every other gradient is unchanged."""
+    batch = Objective("masked", VOCAB, 0.3)(make_batch(), batch_generator(0, 1, 0, 0))
+    grads = {}
+    for sparse in (False, True):
+        model, _ = _learned_model(table, sparse, fused_head=fused, chunk_size=4)
+        model.learned_targets.remedy = remedy
+        if remedy == "ema":
+            model.learned_targets.register_buffer("ema", model.learned_targets.weight.detach().clone())
+        torch.manual_seed(1)  # the same sampled negatives in both runs
+        model(batch)["loss"].backward()
+        grads[sparse] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    table_grad, dense = grads[True]["learned_targets.weight"], grads[False]["learned_targets.weight"]
+    assert table_grad.is_sparse and not dense.is_sparse
+    read = set(table_grad.coalesce().indices()[0].tolist())
+    assert read == set(dense.abs().sum(1).nonzero().squeeze(1).tolist()) and len(read) < VOCAB
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name].to_dense(), grad, msg=name)
+
+
+def test_sparse_learned_table_steps_like_adamw_and_leaves_unread_rows_alone(table):
+    """The trainer's optimizer on the sparse table: after one step it equals dense AdamW everywhere (an
+    unread row has zero moments then); after two, rows read in neither batch have not moved, where the
+    dense AdamW's momentum moves every row read before."""
+    from pretrain.engine.optim import RowSparseAdamW, build_optimizer
+
+    tables, read = {}, set()
+    for sparse in (False, True):
+        model, cfg = _learned_model(table, sparse)
+        optimizer = build_optimizer(model.param_groups(cfg.train.weight_decay, 1e-2), cfg.train)
+        assert isinstance(optimizer, RowSparseAdamW) == sparse
+        start = model.learned_targets.weight.detach().clone()
+        for step in (1, 2):
+            batch = model.objective(make_batch(seed=step), batch_generator(0, step, 0, 0))
+            torch.manual_seed(step)
+            optimizer.zero_grad(set_to_none=True)
+            model(batch)["loss"].backward()
+            if sparse:
+                read |= set(model.learned_targets.weight.grad.coalesce().indices()[0].tolist())
+            optimizer.step()
+            tables[sparse, step] = model.learned_targets.weight.detach().clone()
+    torch.testing.assert_close(tables[True, 1], tables[False, 1], rtol=1e-5, atol=1e-6)
+    unread = torch.tensor(sorted(set(range(VOCAB)) - read))
+    assert 0 < unread.numel() < VOCAB
+    assert torch.equal(tables[True, 2][unread], start[unread])
+    assert not torch.equal(tables[True, 2], start)
+
+
+def test_sparse_learned_table_refuses_the_margin_loss():
+    """The margin loss reads negative rows of the whole table: its gradient would be dense."""
+    with pytest.raises(ValueError, match="offending: loss.name"):
+        make_cfg(loss={"name": "margin"}, targets={"learned": True}, train={"sparse_embedding": True, "zero_stage": 0})
+    assert make_cfg(loss={"name": "margin"}, train={"sparse_embedding": True, "zero_stage": 0}).train.sparse_embedding
 
 
 def test_vocabulary_mismatch_between_model_and_table_is_refused(table):

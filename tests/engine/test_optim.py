@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pretrain.config import load_config
-from pretrain.engine.optim import RowSparseAdamW, build_optimizer, grad_norm
+from pretrain.engine.optim import RowSparseAdamW, build_optimizer, clip_grad_norm, grad_norm
 from pretrain.model import build_model
 
 HYPER = {"lr": 0.05, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.1}
@@ -84,6 +84,23 @@ def test_grad_norm_counts_a_sparse_gradient_like_its_dense_twin():
     sparse(ids).sum().backward()
     dense(ids).sum().backward()
     assert float(grad_norm([sparse.weight.grad])) == pytest.approx(float(dense.weight.grad.norm()))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_grad_norm_scales_sparse_and_dense_gradients_as_torch_clips_their_dense_twins(max_norm):
+    sparse, dense = _embedding_pair()
+    linear = torch.nn.Linear(5, 1)
+    twin = copy.deepcopy(linear)
+    ids = torch.tensor([1, 1, 4, 9])
+    linear(sparse(ids)).pow(2).sum().backward()
+    twin(dense(ids)).pow(2).sum().backward()
+    ours = [sparse.weight.grad, *(p.grad for p in linear.parameters())]
+    theirs = [dense.weight, *twin.parameters()]
+    norm = clip_grad_norm(ours, max_norm)
+    assert float(norm) == pytest.approx(float(torch.nn.utils.clip_grad_norm_(theirs, max_norm)), rel=1e-6)
+    assert (float(norm) > max_norm) == (max_norm == 0.5)  # one case clips, the other does not
+    for mine, other in zip(ours, theirs):
+        torch.testing.assert_close(mine.to_dense(), other.grad)
 
 
 def test_sparse_embedding_config_builds_a_sparse_table_and_the_row_optimizer():

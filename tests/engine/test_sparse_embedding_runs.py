@@ -4,6 +4,7 @@ import json
 import pytest
 from engine_launch import assert_resumes_exactly_from_step_8, launch, metrics_rows
 
+from pretrain.engine import checkpoint as ckpt
 from pretrain.engine.checkpoint import load_model_state
 
 pytestmark = pytest.mark.multiproc
@@ -19,7 +20,10 @@ def test_sparse_run_trains_in_sync_and_consolidates(tiny_runs):
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert len({r["param_digest"] for r in summary["ranks"]}) == 1  # the sparse all-reduce kept ranks equal
     state, cfg, _ = load_model_state(run_dir)
-    assert cfg.train.sparse_embedding and "encoder.embed.tok_emb.weight" in state
+    assert cfg.train.sparse_embedding and cfg.targets.learned and "encoder.embed.tok_emb.weight" in state
+    earlier, _, _ = load_model_state(run_dir / ckpt.CHECKPOINTS, tag="step-00000008")
+    moved = (earlier["learned_targets.weight"] != state["learned_targets.weight"]).any(dim=1)
+    assert 0 < int(moved.sum()) < moved.numel()  # the lazy row update moved the rows read, not all V
 
 
 def test_sparse_run_resumes_exactly_from_its_step_8_checkpoint(engine_base, tiny_runs, tmp_path):

@@ -29,7 +29,9 @@ RUNS = {
     "softmax": ["train.zero_stage=2", "model.head=softmax"],
     "zero1": ["train.zero_stage=1", "model.objective=causal", "train.grad_accum=2", "train.precision=bf16"],
     "zero0": ["train.zero_stage=0", "train.precision=bf16"],
-    "sparse": ["train.zero_stage=0", "train.sparse_embedding=true", "model.objective=causal"],
+    # Row-sparse input embedding and learned target table (lazy row AdamW on both).
+    "sparse": ["train.zero_stage=0", "train.sparse_embedding=true", "model.objective=causal", "targets.learned=true",
+               "targets.contrastive_negatives=64"],
     "learned": ["train.zero_stage=3", "targets.learned=true", "targets.learned_remedy=contrastive",
                 "targets.contrastive_negatives=64"],
     # model.input_embedding=targets (the frozen table through an adapter) under ZeRO-2, ZeRO-3 + bf16, with learned targets.
