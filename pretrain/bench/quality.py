@@ -419,12 +419,17 @@ def paired_bootstrap(hits: np.ndarray, reference: np.ndarray, seed: int = 0, rou
     return {"diff": float(diff.mean()), "ci95": [float(low), float(high)]}
 
 
+def softmax_family(rows: dict[str, dict]) -> list[str]:
+    """The rows of softmax heads (full, adaptive, any variant of them): the peers of the continuous ones."""
+    return [name for name, row in rows.items() if row["decoding"] == "argmax"]
+
+
 def compare_to_peers(rows: dict[str, dict], hits: dict[str, dict[str, np.ndarray]]) -> None:
-    """Paired differences of every row to softmax and, when it ran, of every continuous row to adaptive
-    softmax (the peer it must beat on speed at equal quality)."""
+    """Paired differences of every row to softmax and of every continuous row to each other softmax-head
+    variant that ran (adaptive softmax, dense and sparse: the peers it must beat on speed at equal quality)."""
+    family = softmax_family(rows)
     for name, row in rows.items():
-        peers = PEERS if row["base_variant"] not in PEERS else ("softmax",)
-        for peer in peers:
+        for peer in ("softmax",) if name in family else family:
             if peer in hits and peer != row["base_variant"]:
                 row[f"vs_{peer}"] = {k: paired_bootstrap(hits[name][k], hits[peer][k]) for k in ("top1", "top5")}
 
@@ -506,11 +511,12 @@ def _spread(accs: list[float]) -> dict:
 PEERS = ("softmax", "adaptive_softmax")
 
 
-def downstream_verdict(results: dict) -> dict | None:
+def downstream_verdict(results: dict, peers=PEERS) -> dict | None:
     """The best continuous encoder (highest mean accuracy over the label budgets) against softmax and both
     controls, per budget: the gap of the means and whether it exceeds the seed spread (the larger of the
-    two encoders' max - min). goal_met: it beats every one of them in every budget."""
-    continuous = [n for n in results if n not in PEERS and not n.startswith(("control", "reference"))]
+    two encoders' max - min). goal_met: it beats every one of them in every budget. peers: the
+    softmax-head variants (not candidates for the best continuous encoder)."""
+    continuous = [n for n in results if n not in peers and not n.startswith(("control", "reference"))]
     if not continuous:
         return None
     best = max(continuous, key=lambda n: np.mean([b["mean"] for b in results[n].values()]))
@@ -657,7 +663,7 @@ def run(args: argparse.Namespace) -> dict:
                                     "pretraining": {v: training for v, (_, _, training) in pretrained.items()}, "tasks": {}}
             for task in tasks:
                 scores = downstream(encoders, cfg, task, Path(args.workdir) / corpus.name, seeds, args.scarce_per_class, args.many_per_class)
-                result["downstream"]["tasks"][task.name] = {**task.as_dict(), "results": scores, "verdict": downstream_verdict(scores)}
+                result["downstream"]["tasks"][task.name] = {**task.as_dict(), "results": scores, "verdict": downstream_verdict(scores, softmax_family(result["budgets"]["equal_time"]))}
         results["corpora"][corpus.name] = result
     results["seconds"] = round(time.perf_counter() - started, 1)
     write_outputs(results, Path(args.out), args)
@@ -704,11 +710,12 @@ def markdown(results: dict) -> str:
                              f"{_ci(vs.get('top1'))} | {_pct(row['top5'])} | {_ci(vs.get('top5'))} | {buckets} | "
                              f"{_pct(row['top1_without_most_frequent'])} | {_pct(row['most_frequent_predicted_share'])} / "
                              f"{_pct(row['most_frequent_true_share'])} | {row['distinct_predicted']} |")
-            versus = [row for row in rows.values() if "vs_adaptive_softmax" in row]
-            if versus:
-                lines += ["", "Δ vs adaptive softmax, paired 95% interval (points): " + "; ".join(
-                    f"{row['variant']} top-1 {_ci(row['vs_adaptive_softmax']['top1'])}, top-5 {_ci(row['vs_adaptive_softmax']['top5'])}"
-                    for row in versus)]
+            for peer in softmax_family(rows):
+                versus = [row for row in rows.values() if f"vs_{peer}" in row and peer != "softmax"]
+                if versus:
+                    lines += ["", f"Δ vs {peer.replace('_', ' ')}, paired 95% interval (points): " + "; ".join(
+                        f"{row['variant']} top-1 {_ci(row[f'vs_{peer}']['top1'])}, top-5 {_ci(row[f'vs_{peer}']['top5'])}"
+                        for row in versus)]
             lines.append("")
         ds = corpus.get("downstream", {})
         for task_name, task in ds.get("tasks", {}).items():

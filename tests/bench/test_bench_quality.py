@@ -118,6 +118,22 @@ def test_the_study_trains_with_the_trainers_optimizer_and_sparse_variants_move_o
     assert training["steps"] == 3 and training["cpu_s"] > 0 and training["first_step_cpu_s"] > 0
 
 
+def test_continuous_rows_are_compared_with_every_softmax_head_variant_and_those_with_softmax():
+    rng = np.random.default_rng(0)
+    names = {"softmax": "argmax", "adaptive_softmax": "argmax", "adaptive_softmax_sparse": "argmax",
+             "learned_vmf": "nearest", "learned_vmf+csls": "csls"}
+    rows = {n: {"variant": n, "base_variant": n.split("+")[0], "decoding": d} for n, d in names.items()}
+    hits = {n: {k: rng.random(200) < 0.3 + 0.1 * i for k in ("top1", "top5")} for i, n in enumerate(names)}
+    quality.compare_to_peers(rows, hits)
+    assert quality.softmax_family(rows) == ["softmax", "adaptive_softmax", "adaptive_softmax_sparse"]
+    assert {k for k in rows["adaptive_softmax_sparse"] if k.startswith("vs_")} == {"vs_softmax"}
+    for name in ("learned_vmf", "learned_vmf+csls"):
+        assert {k for k in rows[name] if k.startswith("vs_")} == {"vs_softmax", "vs_adaptive_softmax", "vs_adaptive_softmax_sparse"}
+        diff = rows[name]["vs_adaptive_softmax_sparse"]["top1"]["diff"]
+        assert diff == pytest.approx(hits[name]["top1"].mean() - hits["adaptive_softmax_sparse"]["top1"].mean())
+    assert "softmax" not in rows["softmax"] and "vs_softmax" not in rows["softmax"]
+
+
 def test_downstream_verdict_beats_only_when_the_gap_exceeds_the_larger_spread():
     def row(mean, spread):
         return {"mean": mean, "spread": spread}
