@@ -10,12 +10,13 @@ See docs/kernels.md.
 """
 from pretrain_kernels.fused_linear import fused_linear_continuous_loss, fused_linear_loss_and_grads
 from pretrain_kernels.losses import continuous_loss, triton_available
-from pretrain_kernels.params import LOSS_NAMES, LossParams, loss_params
+from pretrain_kernels.params import LOSS_NAMES, WHOLE_TABLE_LOSSES, LossParams, loss_params
 from pretrain_kernels.vmf_normaliser import log_cm, log_cm_approx, log_cm_exact
 
 __all__ = [
     "LOSS_NAMES",
     "LossParams",
+    "WHOLE_TABLE_LOSSES",
     "continuous_loss",
     "fused_linear_continuous_loss",
     "fused_linear_loss_and_grads",

@@ -20,6 +20,9 @@ LOSS_NAMES = (
     "syn_margin_diff",
 )
 VMF_LOSSES = ("vmf", "vmf_reg1", "vmf_reg2", "vmf_practice")
+# Losses that read table rows besides the targets' (a search for negatives over the whole table): a
+# learned table must be handed to them whole, and its gradient is dense.
+WHOLE_TABLE_LOSSES = ("margin",)
 REDUCTIONS = ("mean", "sum", "none")
 # Norm clamp: x / max(‖x‖, EPS), as torch.nn.functional.normalize does.
 EPS = 1e-8

@@ -305,10 +305,12 @@ class Config(Section):
                 f"(DeepSpeed pipeline parallelism does not support ZeRO-{self.train.zero_stage})"
             )
         if self.train.sparse_embedding:
+            from pretrain_kernels.params import WHOLE_TABLE_LOSSES
+
             blockers = {"train.zero_stage": self.train.zero_stage != 0, "train.precision": self.train.precision != "fp32",
                         "train.pipeline_stages": self.train.pipeline_stages > 1,
                         "model.tie_softmax": self.model.head == "softmax" and self.model.tie_softmax,
-                        "loss.name": self.model.head == "continuous" and self.targets.learned and self.loss.name == "margin"}
+                        "loss.name": self.model.head == "continuous" and self.targets.learned and self.loss.name in WHOLE_TABLE_LOSSES}
             if any(blockers.values()):
                 # DeepSpeed reduces sparse gradients only in its ZeRO-0 fp32 path (ZeRO-1/2/3, the bf16
                 # optimizer and the pipeline flatten every gradient into dense buffers); a tied softmax

@@ -16,7 +16,7 @@ from pretrain.model.heads import AdaptiveSoftmaxHead, ContinuousHead, SoftmaxHea
 from pretrain.model.objectives import IGNORE_INDEX, Objective
 from pretrain.model.windows import (default_stride, document_ids, mean_over_tokens, mean_over_windows, window_batch,
                                     window_starts)
-from pretrain_kernels import continuous_loss, fused_linear_continuous_loss, loss_params
+from pretrain_kernels import WHOLE_TABLE_LOSSES, continuous_loss, fused_linear_continuous_loss, loss_params
 
 
 class PretrainModel(nn.Module):
@@ -148,7 +148,7 @@ class PretrainModel(nn.Module):
         labelled rows and labels renumbered into them (LearnedTargets.rows_for_loss), except for the
         margin loss, which also reads its negatives and gets the whole table."""
         if self.learned_targets is not None:
-            if self.loss_kind == "margin":
+            if self.loss_kind in WHOLE_TABLE_LOSSES:
                 return self.learned_targets.table_for_loss(), labels
             return self.learned_targets.rows_for_loss(labels)
         if self.frozen_table is None:
