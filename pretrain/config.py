@@ -318,7 +318,7 @@ class Config(Section):
                 # under the margin loss (it reads negative rows of the whole table).
                 raise ValueError("train.sparse_embedding=true needs train.zero_stage=0, train.precision=fp32, "
                                  "train.pipeline_stages=1, model.tie_softmax=false and, with targets.learned, "
-                                 "a loss.name other than margin (offending: "
+                                 f"a loss.name other than {' or '.join(WHOLE_TABLE_LOSSES)} (offending: "
                                  f"{', '.join(k for k, on in blockers.items() if on)}); change those or set "
                                  "train.sparse_embedding=false")
         if self.model.input_embedding == "targets":

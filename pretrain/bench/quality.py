@@ -216,7 +216,7 @@ def corpus_source(corpus: Corpus) -> dict:
     return {"sha256": digest.hexdigest(), "files": len(files), "bytes": size, "debian_packages": packages}
 
 
-def prepare_corpus(base_cfg, corpus: Corpus, workdir: Path, max_bytes: int, source: dict | None = None):
+def prepare_corpus(base_cfg, corpus: Corpus, workdir: Path, max_bytes: int, source: dict):
     """The corpus' config (data prepared, counts of pieces in the train split). source (corpus_source):
     prepared data are reused only for the same corpus text."""
     from pretrain.data.prepare import prepare_dataset
@@ -231,7 +231,7 @@ def prepare_corpus(base_cfg, corpus: Corpus, workdir: Path, max_bytes: int, sour
     cfg.data.dir = None
     cfg.targets.path = None
     key = {"data": cfg.data.model_dump(mode="json"), "tokenizer": cfg.tokenizer.model_dump(mode="json"), "bytes": max_bytes,
-           "source_sha256": (source or corpus_source(corpus))["sha256"]}
+           "source_sha256": source["sha256"]}
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     _stamped(cfg.data_dir / "quality-stamp.json", key, lambda: prepare_dataset(cfg, progress=False))
     manifest = json.loads((cfg.data_dir / "manifest.json").read_text())
@@ -710,8 +710,8 @@ def markdown(results: dict) -> str:
                              f"{_ci(vs.get('top1'))} | {_pct(row['top5'])} | {_ci(vs.get('top5'))} | {buckets} | "
                              f"{_pct(row['top1_without_most_frequent'])} | {_pct(row['most_frequent_predicted_share'])} / "
                              f"{_pct(row['most_frequent_true_share'])} | {row['distinct_predicted']} |")
-            for peer in softmax_family(rows):
-                versus = [row for row in rows.values() if f"vs_{peer}" in row and peer != "softmax"]
+            for peer in [p for p in softmax_family(rows) if p != "softmax"]:  # (the table has the softmax columns)
+                versus = [row for row in rows.values() if f"vs_{peer}" in row]
                 if versus:
                     lines += ["", f"Δ vs {peer.replace('_', ' ')}, paired 95% interval (points): " + "; ".join(
                         f"{row['variant']} top-1 {_ci(row[f'vs_{peer}']['top1'])}, top-5 {_ci(row[f'vs_{peer}']['top5'])}"
