@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a labelled downstream task: wordnet-domains (shipped), fortunes (Debian `fortunes`: held-out "
                              "text), NAME=TRAIN[,VALID] (CSV/TSV/JSONL) or NAME=DIR (fortune files); repeatable "
                              f"(default: {' and '.join(DEFAULT_TASKS)}); finetune.* overrides set the recipe")
-    parser.add_argument("--downstream", default="best", help="'best' (softmax, adaptive softmax, the best continuous variant), "
+    parser.add_argument("--downstream", default="best", help="'best' (every softmax-head variant: softmax, adaptive softmax dense and sparse; and the continuous "
+                        "variant with the best equal-time top-1), "
                         "'all', 'none', or comma-separated variant names")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is compute time on a shared machine)")
     parser.add_argument("--workdir", default="runs/bench-quality", help="prepared data, tables and fine-tuning runs")
@@ -616,10 +617,10 @@ def downstream_choice(spec: str, equal_time: dict) -> list[str]:
         return []
     if spec == "all":
         return sorted(base)
-    if spec == "best":
-        continuous = [r for r in equal_time.values() if r["base_variant"] not in ("softmax", "adaptive_softmax") and r["decoding"] == "nearest"]
-        best = max(continuous, key=lambda r: r["top1"])["base_variant"] if continuous else None
-        return [v for v in ("softmax", "adaptive_softmax", best) if v in base]
+    if spec == "best":  # every softmax-head variant that ran (the token table's peers) and the best continuous one
+        continuous = [r for r in equal_time.values() if r["decoding"] == "nearest"]
+        best = [max(continuous, key=lambda r: r["top1"])["base_variant"]] if continuous else []
+        return [*softmax_family(equal_time), *best]
     chosen = [v.strip() for v in spec.split(",") if v.strip()]
     unknown = sorted(set(chosen) - base)
     if unknown:

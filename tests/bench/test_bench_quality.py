@@ -134,6 +134,22 @@ def test_continuous_rows_are_compared_with_every_softmax_head_variant_and_those_
     assert "softmax" not in rows["softmax"] and "vs_softmax" not in rows["softmax"]
 
 
+def test_downstream_best_takes_every_softmax_head_variant_and_the_best_continuous_one():
+    def row(name, decoding, top1):
+        return {"variant": name, "base_variant": name.split("+")[0], "decoding": decoding, "top1": top1}
+
+    equal_time = {r["variant"]: r for r in (
+        row("softmax", "argmax", 0.10), row("adaptive_softmax", "argmax", 0.30), row("adaptive_softmax_sparse", "argmax", 0.31),
+        row("learned_vmf", "nearest", 0.35), row("learned_vmf+csls", "csls", 0.50), row("learned_vmf_sparse", "nearest", 0.38),
+        row("cosine", "nearest", 0.20))}
+    # a hub-aware decoding's top-1 does not pick the encoder: the encoder is the same, only the search differs
+    assert quality.downstream_choice("best", equal_time) == ["softmax", "adaptive_softmax", "adaptive_softmax_sparse", "learned_vmf_sparse"]
+    assert quality.downstream_choice("none", equal_time) == []
+    assert quality.downstream_choice("softmax,cosine", equal_time) == ["softmax", "cosine"]
+    with pytest.raises(ValueError, match="unknown variants"):
+        quality.downstream_choice("softmax,syn_margin", equal_time)
+
+
 def test_downstream_verdict_beats_only_when_the_gap_exceeds_the_larger_spread():
     def row(mean, spread):
         return {"mean": mean, "spread": spread}
