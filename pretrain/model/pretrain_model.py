@@ -175,11 +175,14 @@ class PretrainModel(nn.Module):
         proj = self.head.proj
         loss = fused_linear_continuous_loss(hidden, proj.weight, proj.bias, ids, table, self.loss_kind,
                                             self.chunk_size, impl=self.loss_impl, **self.loss_params)
-        with torch.no_grad():
-            pred = proj(hidden)
         if self.learned_targets is not None:
-            # The remedy needs the predictions with their gradient: recompute them outside the fused op.
-            loss = loss + self.learned_targets.extra_loss(proj(hidden), labels)
+            # The remedy needs the predictions with their gradient: computed once outside the fused op,
+            # they also give the metrics.
+            pred = proj(hidden)
+            loss = loss + self.learned_targets.extra_loss(pred, labels)
+        else:
+            with torch.no_grad():
+                pred = proj(hidden)
         return {"loss": loss, **self._continuous_metrics(pred, ids, table)}
 
     @torch.no_grad()

@@ -162,6 +162,28 @@ def test_fused_head_gives_the_same_loss_and_gradients(table):
     torch.testing.assert_close(results[0][2], results[1][2])
 
 
+def test_fused_head_with_learned_targets_projects_once_and_matches_the_plain_head(table):
+    """The learned table's remedy needs the predictions with their gradient outside the fused op; the
+    fused path computes them once (they also give the metrics) and equals the plain head everywhere."""
+    batch = Objective("masked", VOCAB, 0.3)(make_batch(), batch_generator(0, 1, 0, 0))
+    results = []
+    for fused in (False, True):
+        model, _ = _learned_model(table, False, fused_head=fused, chunk_size=4)
+        calls = []
+        model.head.proj.register_forward_hook(lambda *_: calls.append(1))
+        torch.manual_seed(1)  # the same sampled negatives in both runs
+        out = model(batch)
+        out["loss"].backward()
+        assert len(calls) == 1, f"fused={fused}: head.proj ran {len(calls)} times in one forward"
+        results.append(({k: v.detach() for k, v in out.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    for key, value in results[0][0].items():
+        torch.testing.assert_close(results[1][0][key], value, msg=key)
+    assert results[0][1].keys() == results[1][1].keys() and "learned_targets.weight" in results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, msg=name)
+
+
 def test_softmax_head_is_cross_entropy_and_can_be_tied():
     torch.manual_seed(0)
     model = build_model(make_cfg(model={"head": "softmax", "tie_softmax": True}), VOCAB)
