@@ -253,6 +253,10 @@ def _verified_parts(export_dir: Path):
         cfg = config_from_dict(manifest["config"], source=str(export_dir / CONFIG_FILE))
     except ConfigError as exc:
         raise ExportError(f"{export_dir / CONFIG_FILE}: the stored config does not validate with this version of the code: {exc}") from None
+    # The row-sparse table gradients (train.sparse_embedding) belong to the pretraining step's lazy row
+    # AdamW: a loaded encoder gets ordinary dense gradients, which fine-tuning's AdamW and gradient
+    # clipping, and any user's own loop, expect. config.json keeps what the pretraining ran.
+    cfg.train.sparse_embedding = False
     vocab_size = manifest["vocab_size"]
     sp = load_tokenizer(export_dir / TOKENIZER_FILE)
     if sp.get_piece_size() != vocab_size:

@@ -10,12 +10,14 @@ from pretrain.model import build_model
 from pretrain.targets.table import load_target_table
 
 
-def export_untrained(tiny_data, out_dir, overrides=None, seed=0, targets=False):
+def export_untrained(tiny_data, out_dir, overrides=None, seed=0, targets=False, sections=None):
     """build_model on tiny_data's tokenizer (random weights), exported: softmax head without a
-    target table, or (targets=True, tiny_data built by tiny_targets) continuous head with its table."""
-    cfg = config_from_dict(tiny_data.to_dict() | {"model": tiny_data.to_dict()["model"] | {
+    target table, or (targets=True, tiny_data built by tiny_targets) continuous head with its table.
+    overrides: model settings; sections: other config sections' settings, e.g. {"train": {...}}."""
+    base = tiny_data.to_dict()
+    cfg = config_from_dict(base | {"model": base["model"] | {
         "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 32, "head": "continuous" if targets else "softmax",
-        "init_embeddings_from_targets": False, **(overrides or {})}})
+        "init_embeddings_from_targets": False, **(overrides or {})}} | {k: base[k] | v for k, v in (sections or {}).items()})
     manifest = load_manifest(tiny_data.data_dir)
     tokenizer_path = tiny_data.data_dir / manifest.get("tokenizer_file", "tokenizer.model")
     from pretrain.data.tokenizer import load_tokenizer
@@ -45,3 +47,11 @@ def untrained_continuous_export(tiny_targets, tmp_path_factory):
 def make_untrained_export(tiny_data, tmp_path):
     """export_untrained with other model settings: make_untrained_export(name, overrides={...}, seed=...)."""
     return lambda name, **kwargs: export_untrained(tiny_data, tmp_path / name, **kwargs)
+
+
+@pytest.fixture
+def sparse_pretrained_export(tiny_targets, tmp_path):
+    """As untrained_continuous_export, from a config that pretrained with row-sparse tables
+    (train.sparse_embedding) and learned targets."""
+    sections = {"train": {"sparse_embedding": True, "zero_stage": 0, "precision": "fp32"}, "targets": {"learned": True}}
+    return export_untrained(tiny_targets, tmp_path / "sparse", targets=True, sections=sections)
