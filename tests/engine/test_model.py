@@ -162,6 +162,16 @@ def test_fused_head_gives_the_same_loss_and_gradients(table):
     torch.testing.assert_close(results[0][2], results[1][2])
 
 
+def _assert_same_outputs_and_learned_grads(first, second):
+    """Two (outputs, gradients) pairs of a learned-target model: every output and every gradient equal,
+    the learned table's among them."""
+    for key, value in first[0].items():
+        torch.testing.assert_close(second[0][key], value, msg=key)
+    assert first[1].keys() == second[1].keys() and "learned_targets.weight" in first[1]
+    for name, grad in first[1].items():
+        torch.testing.assert_close(second[1][name], grad, msg=name)
+
+
 def test_fused_head_with_learned_targets_projects_once_and_matches_the_plain_head(table):
     """The learned table's remedy needs the predictions with their gradient outside the fused op; the
     fused path computes them once (they also give the metrics) and equals the plain head everywhere."""
@@ -177,11 +187,7 @@ def test_fused_head_with_learned_targets_projects_once_and_matches_the_plain_hea
         assert len(calls) == 1, f"fused={fused}: head.proj ran {len(calls)} times in one forward"
         results.append(({k: v.detach() for k, v in out.items()},
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    for key, value in results[0][0].items():
-        torch.testing.assert_close(results[1][0][key], value, msg=key)
-    assert results[0][1].keys() == results[1][1].keys() and "learned_targets.weight" in results[0][1]
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, msg=name)
+    _assert_same_outputs_and_learned_grads(*results)
 
 
 def test_softmax_head_is_cross_entropy_and_can_be_tied():
@@ -270,11 +276,7 @@ def test_learned_table_reads_only_the_target_rows_and_gives_the_full_tables_grad
     if compact:
         assert compact[0][0].shape[0] == batch["labels"][batch["labels"] != IGNORE_INDEX].unique().numel() < VOCAB
     assert results[0][0].keys() == results[1][0].keys() and "mean_cos" in results[0][0]
-    for key, value in results[0][0].items():
-        torch.testing.assert_close(results[1][0][key], value, msg=key)
-    assert results[0][1].keys() == results[1][1].keys() and "learned_targets.weight" in results[0][1]
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, msg=name)
+    _assert_same_outputs_and_learned_grads(*results)
 
 
 def _learned_model(table, sparse: bool, **loss):
