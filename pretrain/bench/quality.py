@@ -289,13 +289,16 @@ def build_variant(cfg, overrides: list[str], vocab_size: int, table: torch.Tenso
     return model
 
 
-def train(model, cfg, steps: int) -> dict:
+def train(model, cfg, steps: int, desc: str = "train") -> dict:
     """Plain single-process training with the trainer's optimizer (pretrain.engine.optim: fused AdamW;
     with train.sparse_embedding the lazy row update of the vocabulary tables), warm-up + decay lr and
     clipping: the same loop, data order and masks for every variant. Returns the steady process CPU
     seconds: those of steps 2.. scaled to all steps (step 1 pays one-off costs - lazy imports of a
     head's code path, the loader's shuffle buffer - which at the study's few hundred steps favoured
-    whichever variant ran after another had paid them); first_step_cpu_s is step 1's own."""
+    whichever variant ran after another had paid them); first_step_cpu_s is step 1's own.
+    A progress bar (train.progress) names `desc`: a downstream encoder's run takes half an hour on a CPU."""
+    from tqdm.auto import tqdm
+
     from pretrain.data.stream import build_loader
     from pretrain.engine.optim import build_optimizer, clip_grad_norm
     from pretrain.engine.schedule import lr_at, set_lr
@@ -308,6 +311,7 @@ def train(model, cfg, steps: int) -> dict:
     model.train()
     batches = iter(loader)
     losses = []
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not tc.progress, mininterval=5.0)
     start = first_done = time.process_time()
     for step in range(1, steps + 1):
         if step == 2:
@@ -325,7 +329,11 @@ def train(model, cfg, steps: int) -> dict:
         optimizer.step()
         model.after_optimizer_step()
         losses.append(loss.item())
+        bar.update()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4g}", refresh=False)
     end = time.process_time()
+    bar.close()
     cpu = (end - first_done) * steps / (steps - 1) if steps > 1 else end - start
     model.eval()
     return {"steps": steps, "cpu_s": round(cpu, 3), "first_step_cpu_s": round((first_done if steps > 1 else end) - start, 3),
@@ -555,7 +563,7 @@ def run_corpus(corpus: Corpus, base_cfg, variants: dict[str, list[str]], args, s
         table = target_table(vcfg)
         runs = {}
         model = build_variant(vcfg, variants[name], vocab, table, counts, special)
-        runs["equal_tokens"] = (model, train(model, vcfg, steps))
+        runs["equal_tokens"] = (model, train(model, vcfg, steps, f"{corpus.name} {name} (equal tokens)"))
         if softmax_cpu is None:
             softmax_cpu = runs["equal_tokens"][1]["cpu_s"]
         time_steps = int(round(steps * softmax_cpu / max(runs["equal_tokens"][1]["cpu_s"], 1e-9)))
@@ -564,7 +572,7 @@ def run_corpus(corpus: Corpus, base_cfg, variants: dict[str, list[str]], args, s
             runs["equal_time"] = runs["equal_tokens"]
         else:
             model = build_variant(vcfg, variants[name], vocab, table, counts, special)
-            runs["equal_time"] = (model, train(model, vcfg, time_steps))
+            runs["equal_time"] = (model, train(model, vcfg, time_steps, f"{corpus.name} {name} (equal time)"))
         for budget, (model, training) in runs.items():
             log.info("quality: %s %s: %s", corpus.name, name, training)
             outputs, targets = head_outputs(model, vcfg, "valid")
@@ -605,7 +613,7 @@ def downstream_encoders(chosen: list[str], models: dict, cfg, variants: dict[str
     for v in chosen:
         vcfg = variant_config(cfg, variants[v])
         model = build_variant(vcfg, variants[v], manifest["vocab_size"], target_table(vcfg), counts, manifest["special_ids"])
-        training = train(model, vcfg, steps)
+        training = train(model, vcfg, steps, f"downstream encoder {v}")
         log.info("quality: downstream encoder %s: %s", v, training)
         out[v] = (model, vcfg, training)
     return out

@@ -118,6 +118,18 @@ def test_the_study_trains_with_the_trainers_optimizer_and_sparse_variants_move_o
     assert training["steps"] == 3 and training["cpu_s"] > 0 and training["first_step_cpu_s"] > 0
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_studys_training_shows_a_progress_bar_named_for_the_run_unless_train_progress_is_off(tiny_targets, progress, capsys):
+    """A downstream encoder's pretraining runs for half an hour on a CPU: the bar says which run and how far."""
+    cfg = quality.variant_config(tiny_targets, [*quality.VARIANTS["softmax"], f"train.progress={str(progress).lower()}"])
+    table = quality.target_table(cfg)
+    model = quality.build_variant(cfg, quality.VARIANTS["softmax"], table.shape[0], table, None, None)
+    quality.train(model, cfg, 3, desc="downstream encoder softmax")
+    err = capsys.readouterr().err
+    assert ("downstream encoder softmax" in err and "3/3" in err) == progress
+    assert err.strip() == "" or progress
+
+
 def test_continuous_rows_are_compared_with_every_softmax_head_variant_and_those_with_softmax():
     rng = np.random.default_rng(0)
     names = {"softmax": "argmax", "adaptive_softmax": "argmax", "adaptive_softmax_sparse": "argmax",
