@@ -275,6 +275,9 @@ class FinetuneConfig(Section):
     table_init: bool = False
     # Frozen encoder, only the linear head trained on its pooled vectors: a fast first answer.
     probe: bool = False
+    # LP-FT (Kumar et al. 2022): fit the head as the probe does, then fine-tune everything from it, so the
+    # first steps do not push a random head's gradients through the pretrained layers.
+    probe_first: bool = False
     # TF-IDF + logistic regression (scikit-learn) on the same split, reported beside.
     tfidf_baseline: bool = True
     # auto: CUDA when available, else CPU.

@@ -79,6 +79,7 @@ BOOTSTRAP = 1000
 # (-0.05 already overwhelmed the cosines in the --small run: every prediction became a rare piece).
 PRIOR_BETA = -0.01
 MARKDOWN = "quality.md"
+EXPORT_STAMP = "study-stamp.json"  # in a downstream encoder's export: what pretrained it (--reuse-exports)
 PLOTS = {"time": "quality_top1_vs_cpu_time.png", "buckets": "quality_top1_per_frequency_bucket.png"}
 
 
@@ -103,6 +104,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pretrain the downstream encoders (the --downstream variants) for this many steps, each its own run "
                              f"on the same data (default {STUDY['downstream_steps']}; --small: {SMALL['downstream_steps']}; 0: use the "
                              "equal-time runs' encoders)")
+    parser.add_argument("--reuse-exports", action="store_true",
+                        help="fine-tune a downstream encoder this study exported before (same --workdir) instead of pretraining "
+                             "it again, when its variant config, steps and prepared data are the same: compare fine-tuning "
+                             "recipes (finetune.* overrides) on the same encoders; the pretraining record is the earlier run's (with "
+                             "--downstream-budget time the steps come from this run's timings, so they seldom repeat)")
+    parser.add_argument("--downstream-budget", choices=["steps", "time"], default="steps",
+                        help="steps: every downstream encoder pretrains --downstream-steps steps; time: softmax's process CPU "
+                             "time for them, each variant's steps scaled by softmax's CPU s per step over its own in this run's "
+                             "equal-token runs (measured side by side; at most --max-time-factor x): what a compute budget buys")
     parser.add_argument("--task", action="append", default=None, metavar="NAME[=TRAIN[,VALID]|=DIR]",
                         help="a labelled downstream task: wordnet-domains (shipped), fortunes (Debian `fortunes`: held-out "
                              "text), NAME=TRAIN[,VALID] (CSV/TSV/JSONL) or NAME=DIR (fortune files); repeatable "
@@ -603,19 +613,52 @@ def _piece(cfg, piece_id: int) -> str:
     return load_tokenizer(cfg.data_dir / "tokenizer.model").id_to_piece(piece_id)
 
 
-def downstream_encoders(chosen: list[str], models: dict, cfg, variants: dict[str, list[str]], steps: int, counts: np.ndarray,
-                        manifest: dict) -> dict[str, tuple]:
-    """(model, config, training) per downstream variant: its equal-time run (steps=0), or a run of its own
-    for `steps` steps with the same loop, data and seed (the quality tables stay at the study's budget)."""
-    if not steps:
-        return {v: models[v] for v in chosen}
+def downstream_steps(chosen: list[str], equal_tokens: dict, steps: int, budget: str, max_factor: float) -> dict[str, int]:
+    """Pretraining steps per downstream encoder: `steps` each (budget 'steps'), or (budget 'time') softmax's
+    process CPU time for `steps`: steps x softmax's CPU s per step / the variant's, both from this run's
+    equal-token rows (the same loop and data, measured side by side), at most max_factor x steps."""
+    if budget == "steps" or not steps:
+        return {v: steps for v in chosen}
+    softmax_cpu = equal_tokens["softmax"]["training"]["cpu_s"]
+    return {v: max(1, min(int(round(steps * softmax_cpu / max(equal_tokens[v]["training"]["cpu_s"], 1e-9))), int(max_factor * steps)))
+            for v in chosen}
+
+
+def downstream_encoders(chosen: list[str], models: dict, cfg, variants: dict[str, list[str]], steps: dict[str, int], counts: np.ndarray,
+                        manifest: dict, root: Path, reuse: bool = False) -> dict[str, tuple[Path, dict]]:
+    """(export directory under root, training record) per downstream variant: its equal-time run's encoder
+    (steps 0), or a run of its own for steps[variant] steps with the same loop, data and seed (the quality
+    tables stay at the study's budget). reuse: an export whose EXPORT_STAMP has the same key (variant config,
+    steps, prepared data) is taken as it is; its record is the earlier run's, marked 'reused'."""
+    from pretrain.data.manifest import manifest_sha256
+
     out = {}
     for v in chosen:
+        stamp = root / v / EXPORT_STAMP
+        if not steps[v]:
+            model, vcfg, training = models[v]
+            stamp.unlink(missing_ok=True)
+            out[v] = (export_encoder(model, vcfg, root / v, vcfg.targets.path), training)
+            continue
         vcfg = variant_config(cfg, variants[v])
-        model = build_variant(vcfg, variants[v], manifest["vocab_size"], target_table(vcfg), counts, manifest["special_ids"])
-        training = train(model, vcfg, steps, f"downstream encoder {v}")
+        table = target_table(vcfg)
+        pretraining_cfg = {section: value for section, value in vcfg.to_dict().items() if section not in ("finetune", "tracking")}
+        key = json.loads(json.dumps({"config": pretraining_cfg, "overrides": variants[v], "steps": steps[v],
+                                     "data": manifest_sha256(cfg.data_dir)}, sort_keys=True, default=str))
+        earlier = json.loads(stamp.read_text()) if reuse and stamp.is_file() else None
+        if earlier and earlier["key"] == key:
+            log.info("quality: downstream encoder %s: reusing %s (--reuse-exports): pretrained %s", v, root / v, earlier["training"])
+            out[v] = (root / v, {**earlier["training"], "reused": str(root / v)})
+            continue
+        if reuse:
+            log.info("quality: downstream encoder %s: %s; pretraining it", v, "its earlier export differs (config, steps or data)"
+                     if stamp.is_file() else f"no earlier export with {EXPORT_STAMP} in {root / v}")
+        model = build_variant(vcfg, variants[v], manifest["vocab_size"], table, counts, manifest["special_ids"])
+        training = train(model, vcfg, steps[v], f"downstream encoder {v}")
         log.info("quality: downstream encoder %s: %s", v, training)
-        out[v] = (model, vcfg, training)
+        stamp.unlink(missing_ok=True)  # written after the export: a half-written export is never reused
+        out[v] = (export_encoder(model, vcfg, root / v, vcfg.targets.path), training)
+        stamp.write_text(json.dumps({"key": key, "training": training}, indent=1))
     return out
 
 
@@ -648,7 +691,7 @@ def run(args: argparse.Namespace) -> dict:
     steps = args.steps or size["steps"]
     max_bytes = size["bytes"] if args.corpus_bytes is None else args.corpus_bytes
     seeds = args.seeds or (1 if args.small else 3)
-    downstream_steps = size["downstream_steps"] if args.downstream_steps is None else args.downstream_steps
+    pretrain_steps = size["downstream_steps"] if args.downstream_steps is None else args.downstream_steps
     tasks = parse_tasks(args.task, Path(args.workdir)) if args.downstream != "none" else []  # before hours of training
     started = time.perf_counter()
     results = {"suite": "quality", "hardware": report.hardware_info(), "small": args.small, "steps": steps,
@@ -660,16 +703,17 @@ def run(args: argparse.Namespace) -> dict:
         if n == 0 and args.downstream != "none":
             chosen = downstream_choice(args.downstream, result["budgets"]["equal_time"])
             root = Path(args.workdir) / corpus.name / "exports"
-            pretrained = downstream_encoders(chosen, models, cfg, variants, downstream_steps, counts, manifest)
-            encoders = {v: export_encoder(model, vcfg, root / v, vcfg.targets.path) for v, (model, vcfg, _) in pretrained.items()}
+            steps_of = downstream_steps(chosen, result["budgets"]["equal_tokens"], pretrain_steps, args.downstream_budget, args.max_time_factor)
+            pretrained = downstream_encoders(chosen, models, cfg, variants, steps_of, counts, manifest, root, args.reuse_exports)
+            encoders = {v: path for v, (path, _) in pretrained.items()}
             # Control 2: random weights, input embeddings from the (first fixed) target table, no training.
             table_cfg = variant_config(cfg, VARIANTS["vmf_practice"])
             table_cfg.model.init_embeddings_from_targets = True
             untrained = build_variant(table_cfg, [], result["vocab_size"], target_table(table_cfg), None, None)
             encoders["control: table embeddings, no pretraining"] = export_encoder(untrained, table_cfg, root / "table-init", table_cfg.targets.path)
-            result["downstream"] = {"seeds": seeds, "epochs": cfg.finetune.epochs,
+            result["downstream"] = {"seeds": seeds, "epochs": cfg.finetune.epochs, "budget": args.downstream_budget,
                                     "finetune": {k: getattr(cfg.finetune, k) for k in ("epochs", "lr", "encoder_lr_scale", "pooling", "batch_size")},
-                                    "pretraining": {v: training for v, (_, _, training) in pretrained.items()}, "tasks": {}}
+                                    "pretraining": {v: training for v, (_, training) in pretrained.items()}, "tasks": {}}
             for task in tasks:
                 scores = downstream(encoders, cfg, task, Path(args.workdir) / corpus.name, seeds, args.scarce_per_class, args.many_per_class)
                 result["downstream"]["tasks"][task.name] = {**task.as_dict(), "results": scores, "verdict": downstream_verdict(scores, softmax_family(result["budgets"]["equal_time"]))}
@@ -729,7 +773,10 @@ def markdown(results: dict) -> str:
         ds = corpus.get("downstream", {})
         for task_name, task in ds.get("tasks", {}).items():
             budgets = list(next(iter(task["results"].values())))
-            steps_of = ", ".join(f"{v} {t['steps']}" for v, t in ds["pretraining"].items())
+            steps_of = ", ".join(f"{v} {t['steps']} ({t['cpu_s']:.0f} CPU s{', reused' if t.get('reused') else ''})"
+                                 for v, t in ds["pretraining"].items())
+            if ds.get("budget") == "time":
+                steps_of += " - equal process CPU time (--downstream-budget time)"
             recipe = ", ".join(f"{k} {v}" for k, v in ds["finetune"].items())
             lines += [f"### Downstream task {task_name}: fine-tuned on {task['train_file']} ({ds['seeds']} seeds; {recipe}; "
                       "accuracy mean ± spread = max − min)", "",

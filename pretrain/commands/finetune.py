@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", metavar="NAME", help="column / JSON key of the text (finetune.text_field)")
     parser.add_argument("--label-field", metavar="NAME", help="column / JSON key of the label; labels are strings (finetune.label_field)")
     parser.add_argument("--probe", action="store_true", help="frozen encoder, fit only a linear head on its pooled vectors (fast)")
+    parser.add_argument("--probe-first", action="store_true", help="LP-FT: fit the head as --probe does, then fine-tune everything from it")
     parser.add_argument("--from-scratch", action="store_true", help="same architecture, random weights (overrides finetune.from_scratch)")
     parser.add_argument("--table-init", action="store_true", help="with --from-scratch: input embeddings from the export's target table")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (finetune.device; auto = CUDA when available)")
@@ -75,7 +76,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     for flag, key in (("text_field", "text_field"), ("label_field", "label_field"), ("device", "device")):
         if getattr(args, flag):
             out.append(f"finetune.{key}={getattr(args, flag)}")
-    out += [f"finetune.{key}=true" for key in ("probe", "table_init") if getattr(args, key)]
+    out += [f"finetune.{key}=true" for key in ("probe", "probe_first", "table_init") if getattr(args, key)]
     return out
 
 

@@ -260,6 +260,9 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"--out {out_dir} is the --init export itself; fine-tuning writes a new export, choose another directory")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a directory: choose another output directory")
+    if ft.probe and ft.probe_first:
+        raise ConfigError("finetune.probe and finetune.probe_first are both set: --probe keeps the encoder frozen, "
+                          "--probe-first fine-tunes it after fitting the head; choose one")
     device = pick_device(ft.device)
     encoder, sp, manifest = initial_encoder(init_dir, ft.from_scratch, ft.seed, table_init=ft.table_init)
     enc_model = manifest["config"]["model"]
@@ -292,6 +295,9 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
             scores = classification_metrics(predict(model, task.valid_ids, ft.batch_size), task.valid_y, len(task.labels))
             history.append({"epoch": 1, "train_loss": train_loss, **scores})
         else:
+            if ft.probe_first:
+                probe_loss = fit_probe(model, pooled_features(model, task.train_ids, ft.batch_size), task.train_y)
+                log.info("probe first (LP-FT): head fitted on the frozen encoder, train loss %.4f", probe_loss)
             optimizer, schedule = _optimizer(model, ft, steps_per_epoch=-(-len(task.train_ids) // ft.batch_size))
             order = torch.Generator().manual_seed(ft.seed)
             for epoch in range(1, ft.epochs + 1):

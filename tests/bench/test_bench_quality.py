@@ -1,5 +1,6 @@
 """`pretrain bench quality`: the study's parts (scores, bootstrap, buckets, adaptive head) and a --small run."""
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -162,6 +163,18 @@ def test_downstream_best_takes_every_softmax_head_variant_and_the_best_continuou
         quality.downstream_choice("softmax,syn_margin", equal_time)
 
 
+def test_downstream_budget_time_gives_each_encoder_softmaxs_cpu_time_in_its_own_steps():
+    """--downstream-budget time: steps x softmax's CPU s per step / the variant's (from the equal-token rows
+    measured side by side), capped at max_factor x steps; the steps budget and 0 (the equal-time runs) pass through."""
+    equal_tokens = {name: {"training": {"steps": 300, "cpu_s": cpu}} for name, cpu in
+                    (("softmax", 75.0), ("adaptive_softmax_sparse", 42.0), ("learned_vmf_sparse", 50.0), ("cosine", 10.0))}
+    chosen = ["softmax", "adaptive_softmax_sparse", "learned_vmf_sparse", "cosine"]
+    assert quality.downstream_steps(chosen, equal_tokens, 6000, "steps", 4.0) == dict.fromkeys(chosen, 6000)
+    assert quality.downstream_steps(chosen, equal_tokens, 6000, "time", 4.0) == {
+        "softmax": 6000, "adaptive_softmax_sparse": 10714, "learned_vmf_sparse": 9000, "cosine": 24000}  # 7.5x, capped at 4x
+    assert quality.downstream_steps(chosen, equal_tokens, 0, "time", 4.0) == dict.fromkeys(chosen, 0)
+
+
 def test_downstream_verdict_beats_only_when_the_gap_exceeds_the_larger_spread():
     def row(mean, spread):
         return {"mean": mean, "spread": spread}
@@ -251,7 +264,7 @@ def small_study(tmp_path_factory):
     argv = ["bench", "quality", "--small", "--corpus", f"wordnet={REPO_ROOT / 'data' / 'corpus'}",
             "--corpus", f"docs={REPO_ROOT / 'docs'}:blank_line", "--corpus-bytes", "150000",
             "--variant", "softmax", "--variant", "adaptive_softmax", "--variant", "cosine", "--variant", "learned_vmf",
-            "--task", "wordnet-domains", "--task", f"quips={fortunes}", "--seeds", "1", "--workdir", str(tmp / "work"), "--out", str(out), "--track", "--store-dir", str(tmp / "mlruns")]
+            "--task", "wordnet-domains", "--task", f"quips={fortunes}", "--seeds", "1", "--downstream-budget", "time", "--workdir", str(tmp / "work"), "--out", str(out), "--track", "--store-dir", str(tmp / "mlruns")]
     assert main(argv) == 0
     return json.loads(out.read_text()), out.parent
 
@@ -304,14 +317,44 @@ def test_small_study_fine_tunes_against_both_controls_and_writes_table_and_plots
     assert table.count("Text: ") == 2 and results["corpora"]["docs"]["source"]["sha256"][:16] in table
     assert "Δ vs adaptive softmax, paired 95% interval (points): cosine top-1 " in table
     # --downstream-steps (the --small default): the downstream encoders are pretrained by runs of their own,
-    # not the equal-time runs (6 steps), and the table says so beside the fine-tuning recipe.
-    pretraining = results["corpora"]["wordnet"]["downstream"]["pretraining"]
+    # not the equal-time runs (6 steps), and the table says so beside the fine-tuning recipe. With
+    # --downstream-budget time softmax takes those steps and every other encoder its CPU time's worth.
+    corpus = results["corpora"]["wordnet"]
+    pretraining = corpus["downstream"]["pretraining"]
     steps = quality.SMALL["downstream_steps"]
-    assert steps != results["steps"] and {t["steps"] for t in pretraining.values()} == {steps}
+    assert steps != results["steps"] and pretraining["softmax"]["steps"] == steps
+    assert {v: t["steps"] for v, t in pretraining.items()} == quality.downstream_steps(list(pretraining), corpus["budgets"]["equal_tokens"], steps, "time", 4.0)
     assert {"softmax", "adaptive_softmax"} < set(pretraining)  # and the best continuous variant
-    assert f"softmax {steps}" in table and "encoder_lr_scale" in table
+    assert corpus["downstream"]["budget"] == "time" and "equal process CPU time" in table
+    assert f"softmax {steps} (" in table and "encoder_lr_scale" in table
     for plot in quality.PLOTS.values():
         assert (out_dir / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reuse_exports_fine_tunes_the_earlier_encoder_only_for_the_same_key(tmp_path, caplog):
+    """--reuse-exports: a rerun with the same variant, steps and data fine-tunes the encoder the first run
+    exported (its weights untouched, its pretraining record marked reused); other steps pretrain again."""
+    out = tmp_path / "bench" / "quality.json"
+
+    def study(*extra):
+        argv = ["bench", "quality", "--small", "--corpus", f"wordnet={REPO_ROOT / 'data' / 'corpus'}", "--corpus-bytes", "60000",
+                "--variant", "softmax", "--variant", "learned_vmf", "--downstream", "learned_vmf", "--task", "wordnet-domains",
+                "--seeds", "1", "--workdir", str(tmp_path / "work"), "--out", str(out), *extra]
+        assert main(argv) == 0
+        return json.loads(out.read_text())["corpora"]["wordnet"]["downstream"]["pretraining"]["learned_vmf"]
+
+    weights = tmp_path / "work" / "wordnet" / "exports" / "learned_vmf" / "model.safetensors"
+    first = study("--reuse-exports")  # nothing to reuse yet
+    assert "reused" not in first and first["steps"] == quality.SMALL["downstream_steps"]
+    exported = (weights.read_bytes(), weights.stat().st_mtime_ns)
+    with caplog.at_level(logging.INFO, logger="pretrain.bench.quality"):
+        again = study("--reuse-exports", "finetune.epochs=2")  # another fine-tuning recipe, the same encoder
+    assert again["reused"] == str(weights.parent) and again["cpu_s"] == first["cpu_s"]
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns) == exported
+    assert "reusing" in caplog.text and ", reused)" in (out.parent / quality.MARKDOWN).read_text()
+    assert "reused" not in study("finetune.epochs=2")  # without the flag: pretrained again
+    longer = study("--reuse-exports", "--downstream-steps", "10")
+    assert "reused" not in longer and longer["steps"] == 10
 
 
 def test_prepared_data_and_tables_are_reused_only_for_the_same_key(tmp_path):

@@ -167,3 +167,26 @@ def test_device_cuda_without_a_gpu_is_a_clear_error_and_auto_picks_what_exists()
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             pick_device("cuda")
+
+
+def test_probe_first_starts_fine_tuning_from_the_probes_head(untrained_export, tmp_path, repo_root, capsys):
+    """finetune.probe_first (LP-FT): the head is fitted on the frozen encoder as --probe fits it, then
+    everything is fine-tuned from there. With a vanishing lr the fine-tuned head stays the probe's head;
+    without probe_first it stays the random one."""
+    train = _write_jsonl(tmp_path / "train.jsonl", _user_rows(repo_root, 12))
+    valid = _write_jsonl(tmp_path / "valid.jsonl", _user_rows(repo_root, 12)[:20])
+
+    def head_after(name, *extra):
+        out = tmp_path / name
+        args = ["finetune", "finetune.max_len=32", "finetune.tfidf_baseline=false", "tracking.enabled=false", "finetune.epochs=1",
+                "finetune.lr=1e-12", *extra, "--train", str(train), "--valid", str(valid), "--text-field", "body",
+                "--label-field", "topic", "--init", str(untrained_export), "--out", str(out)]
+        assert cli_main(args) == 0
+        return load_classifier(out)[0].head.weight
+
+    probe, lp_ft, plain = head_after("probe", "--probe"), head_after("lpft", "--probe-first"), head_after("plain")
+    assert torch.allclose(lp_ft, probe, atol=1e-6)
+    assert not torch.allclose(plain, probe, atol=1e-2)
+    both = ["finetune", "--probe", "--probe-first", "--train", str(train), "--valid", str(valid), "--init", str(untrained_export), "--out", str(tmp_path / "both")]
+    capsys.readouterr()
+    assert cli_main(both) == 1 and "choose one" in capsys.readouterr().err
