@@ -79,7 +79,8 @@ BOOTSTRAP = 1000
 # (-0.05 already overwhelmed the cosines in the --small run: every prediction became a rare piece).
 PRIOR_BETA = -0.01
 MARKDOWN = "quality.md"
-EXPORT_STAMP = "study-stamp.json"  # in a downstream encoder's export: what pretrained it (--reuse-exports)
+EXPORT_STAMP = "study-stamp.json"  # in a downstream encoder's export: the key of what pretrained it (--reuse-exports)
+PRETRAINING_RECORD = "study-pretraining.json"  # beside it: that run's training record
 PLOTS = {"time": "quality_top1_vs_cpu_time.png", "buckets": "quality_top1_per_frequency_bucket.png"}
 
 
@@ -643,22 +644,28 @@ def downstream_encoders(chosen: list[str], models: dict, cfg, variants: dict[str
         vcfg = variant_config(cfg, variants[v])
         table = target_table(vcfg)
         pretraining_cfg = {section: value for section, value in vcfg.to_dict().items() if section not in ("finetune", "tracking")}
-        key = json.loads(json.dumps({"config": pretraining_cfg, "overrides": variants[v], "steps": steps[v],
-                                     "data": manifest_sha256(cfg.data_dir)}, sort_keys=True, default=str))
-        earlier = json.loads(stamp.read_text()) if reuse and stamp.is_file() else None
-        if earlier and earlier["key"] == key:
-            log.info("quality: downstream encoder %s: reusing %s (--reuse-exports): pretrained %s", v, root / v, earlier["training"])
-            out[v] = (root / v, {**earlier["training"], "reused": str(root / v)})
-            continue
-        if reuse:
-            log.info("quality: downstream encoder %s: %s; pretraining it", v, "its earlier export differs (config, steps or data)"
-                     if stamp.is_file() else f"no earlier export with {EXPORT_STAMP} in {root / v}")
-        model = build_variant(vcfg, variants[v], manifest["vocab_size"], table, counts, manifest["special_ids"])
-        training = train(model, vcfg, steps[v], f"downstream encoder {v}")
-        log.info("quality: downstream encoder %s: %s", v, training)
-        stamp.unlink(missing_ok=True)  # written after the export: a half-written export is never reused
-        out[v] = (export_encoder(model, vcfg, root / v, vcfg.targets.path), training)
-        stamp.write_text(json.dumps({"key": key, "training": training}, indent=1))
+        key = {"config": pretraining_cfg, "overrides": variants[v], "steps": steps[v], "data": manifest_sha256(cfg.data_dir)}
+        record = root / v / PRETRAINING_RECORD
+        pretrained = []
+
+        def pretrain_and_export():
+            if reuse:
+                log.info("quality: downstream encoder %s: no earlier export with the same config, steps and data in %s; pretraining it", v, root / v)
+            model = build_variant(vcfg, variants[v], manifest["vocab_size"], table, counts, manifest["special_ids"])
+            training = train(model, vcfg, steps[v], f"downstream encoder {v}")
+            log.info("quality: downstream encoder %s: %s", v, training)
+            export_encoder(model, vcfg, root / v, vcfg.targets.path)
+            record.write_text(json.dumps(training))
+            pretrained.append(v)
+
+        if not reuse:
+            stamp.unlink(missing_ok=True)  # pretrain again whatever an earlier run left
+        _stamped(stamp, key, pretrain_and_export)  # the stamp is written after the export: a half-written one is never reused
+        training = json.loads(record.read_text())
+        if not pretrained:
+            log.info("quality: downstream encoder %s: reusing %s (--reuse-exports): pretrained %s", v, root / v, training)
+            training["reused"] = str(root / v)
+        out[v] = (root / v, training)
     return out
 
 

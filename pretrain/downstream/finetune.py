@@ -289,14 +289,14 @@ def _finetune(cfg: Config, init_dir: Path, out_dir: Path) -> dict[str, Any]:
     encoder_files = {"encoder": [init_dir / export_mod.CONFIG_FILE, init_dir / export_mod.TOKENIZER_FILE, init_dir / export_mod.CARD_FILE]}
     with start_tracking(cfg, out_dir, 0, inputs=encoder_files) as tracker:
         tracker.log_params({"finetune.init": str(init_dir)})
+        if ft.probe or ft.probe_first:  # the linear probe; probe_first (LP-FT) fine-tunes everything from its head
+            probe_loss = fit_probe(model, pooled_features(model, task.train_ids, ft.batch_size), task.train_y)
         if ft.probe:
             model.encoder.requires_grad_(False)
-            train_loss = fit_probe(model, pooled_features(model, task.train_ids, ft.batch_size), task.train_y)
             scores = classification_metrics(predict(model, task.valid_ids, ft.batch_size), task.valid_y, len(task.labels))
-            history.append({"epoch": 1, "train_loss": train_loss, **scores})
+            history.append({"epoch": 1, "train_loss": probe_loss, **scores})
         else:
             if ft.probe_first:
-                probe_loss = fit_probe(model, pooled_features(model, task.train_ids, ft.batch_size), task.train_y)
                 log.info("probe first (LP-FT): head fitted on the frozen encoder, train loss %.4f", probe_loss)
             optimizer, schedule = _optimizer(model, ft, steps_per_epoch=-(-len(task.train_ids) // ft.batch_size))
             order = torch.Generator().manual_seed(ft.seed)
