@@ -6,8 +6,8 @@ other target tables) is trained in this process with the same loop, data order a
 
   equal tokens:     every variant trains --steps steps;
   equal wall-clock: every variant trains for the process CPU time softmax needed for --steps steps
-                    (steps = --steps x softmax's CPU time / the variant's, each its own run with its
-                    own learning-rate schedule; process CPU time is steady on a shared machine).
+                    (its own run, stopped when that time is spent; the learning-rate schedule follows
+                    the share of the budget spent; process CPU time is steady on a shared machine).
 
 All of them are scored on the SAME masked positions of the WHOLE validation split (the masks are
 seeded per sequence, pretrain.evaluation.evaluate.corrupt_per_sequence; the study checks that the
@@ -19,7 +19,7 @@ local scaling fitted on training-batch predictions, and an anti-frequency prior)
 
 Downstream (the first corpus; every --task, pretrain.downstream.tasks): each chosen variant's encoder, pretrained
 by a run of its own for --downstream-steps steps (0: its equal-time run), fine-tuned with scarce and more
-labels over several seeds, against two controls: the same architecture from random weights, and from
+labels over several seeds (--downstream-budget time: each for softmax's pretraining CPU time), against two controls: the same architecture from random weights, and from
 random weights with the input embeddings set from the target table (no pretraining); the verdict says
 whether the best continuous encoder beats softmax's and both controls by more than the seed spread.
 
@@ -109,11 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tune a downstream encoder this study exported before (same --workdir) instead of pretraining "
                              "it again, when its variant config, steps and prepared data are the same: compare fine-tuning "
                              "recipes (finetune.* overrides) on the same encoders; the pretraining record is the earlier run's (with "
-                             "--downstream-budget time the steps come from this run's timings, so they seldom repeat)")
+                             "--downstream-budget time the budget is softmax's CPU time for --downstream-steps, whatever it measured)")
     parser.add_argument("--downstream-budget", choices=["steps", "time"], default="steps",
-                        help="steps: every downstream encoder pretrains --downstream-steps steps; time: softmax's process CPU "
-                             "time for them, each variant's steps scaled by softmax's CPU s per step over its own in this run's "
-                             "equal-token runs (measured side by side; at most --max-time-factor x): what a compute budget buys")
+                        help="steps: every downstream encoder pretrains --downstream-steps steps; time: softmax pretrains them first "
+                             "and every other encoder until its process CPU time reaches softmax's (at most --max-time-factor x "
+                             "the steps; its schedule planned from this run's equal-token timings): what a compute budget buys")
     parser.add_argument("--task", action="append", default=None, metavar="NAME[=TRAIN[,VALID]|=DIR]",
                         help="a labelled downstream task: wordnet-domains (shipped), fortunes (Debian `fortunes`: held-out "
                              "text), NAME=TRAIN[,VALID] (CSV/TSV/JSONL) or NAME=DIR (fortune files); repeatable "
@@ -300,13 +300,19 @@ def build_variant(cfg, overrides: list[str], vocab_size: int, table: torch.Tenso
     return model
 
 
-def train(model, cfg, steps: int, desc: str = "train") -> dict:
+def train(model, cfg, steps: int, desc: str = "train", cpu_budget_s: float | None = None, max_steps: int | None = None) -> dict:
     """Plain single-process training with the trainer's optimizer (pretrain.engine.optim: fused AdamW;
     with train.sparse_embedding the lazy row update of the vocabulary tables), warm-up + decay lr and
     clipping: the same loop, data order and masks for every variant. Returns the steady process CPU
     seconds: those of steps 2.. scaled to all steps (step 1 pays one-off costs - lazy imports of a
     head's code path, the loader's shuffle buffer - which at the study's few hundred steps favoured
     whichever variant ran after another had paid them); first_step_cpu_s is step 1's own.
+
+    cpu_budget_s (equal time): train until that steady CPU time is spent (the first step at which it is
+    reached is the last; at most max_steps) instead of for `steps`, which then only plans the schedule:
+    the learning rate follows the share of the budget spent by the end of each step, so the warm-up and
+    the decay span the budget whatever a step turns out to cost. (Steps planned from an earlier timing
+    were up to 13% off: the per-step cost drifts over a long run.)
     A progress bar (train.progress) names `desc`: a downstream encoder's run takes half an hour on a CPU."""
     from tqdm.auto import tqdm
 
@@ -322,12 +328,19 @@ def train(model, cfg, steps: int, desc: str = "train") -> dict:
     model.train()
     batches = iter(loader)
     losses = []
+    last = steps if cpu_budget_s is None else (max_steps or 100 * steps)
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not tc.progress, mininterval=5.0)
     start = first_done = time.process_time()
-    for step in range(1, steps + 1):
+    step = 0
+    while step < last:
+        step += 1
         if step == 2:
             first_done = time.process_time()
-        set_lr(optimizer, lr_at(step, base_lr=tc.lr, warmup_steps=min(tc.warmup_steps, steps // 2), total_steps=steps,
+        position = step
+        if cpu_budget_s is not None and step > 2:  # steady CPU of steps 2..step-1, projected to the end of this step
+            projected = (time.process_time() - first_done) * step / (step - 2)
+            position = max(1, min(steps, round(steps * projected / cpu_budget_s)))
+        set_lr(optimizer, lr_at(position, base_lr=tc.lr, warmup_steps=min(tc.warmup_steps, steps // 2), total_steps=steps,
                                 min_lr_ratio=tc.min_lr_ratio))
         batch = model.objective(next(batches), batch_generator(tc.seed, step, 0, 0))
         loss = model(batch)["loss"]
@@ -343,12 +356,17 @@ def train(model, cfg, steps: int, desc: str = "train") -> dict:
         bar.update()
         if step % 100 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4g}", refresh=False)
+        if cpu_budget_s is not None and step > 1 and (time.process_time() - first_done) * step / (step - 1) >= cpu_budget_s:
+            break
     end = time.process_time()
     bar.close()
-    cpu = (end - first_done) * steps / (steps - 1) if steps > 1 else end - start
+    cpu = (end - first_done) * step / (step - 1) if step > 1 else end - start
     model.eval()
-    return {"steps": steps, "cpu_s": round(cpu, 3), "first_step_cpu_s": round((first_done if steps > 1 else end) - start, 3),
-            "final_loss": round(float(np.mean(losses[-max(1, steps // 10):])), 4)}
+    record = {"steps": step, "cpu_s": round(cpu, 3), "first_step_cpu_s": round((first_done if step > 1 else end) - start, 3),
+              "final_loss": round(float(np.mean(losses[-max(1, step // 10):])), 4)}
+    if cpu_budget_s is not None:
+        record.update(cpu_budget_s=round(cpu_budget_s, 3), planned_steps=steps)
+    return record
 
 
 # Scoring -----------------------------------------------------------------------------------------
@@ -577,13 +595,13 @@ def run_corpus(corpus: Corpus, base_cfg, variants: dict[str, list[str]], args, s
         runs["equal_tokens"] = (model, train(model, vcfg, steps, f"{corpus.name} {name} (equal tokens)"))
         if softmax_cpu is None:
             softmax_cpu = runs["equal_tokens"][1]["cpu_s"]
-        time_steps = int(round(steps * softmax_cpu / max(runs["equal_tokens"][1]["cpu_s"], 1e-9)))
-        time_steps = max(1, min(time_steps, int(args.max_time_factor * steps)))
+        time_steps = planned_steps(steps, softmax_cpu, runs["equal_tokens"][1]["cpu_s"], args.max_time_factor)
         if abs(time_steps - steps) <= 0.05 * steps:
             runs["equal_time"] = runs["equal_tokens"]
         else:
             model = build_variant(vcfg, variants[name], vocab, table, counts, special)
-            runs["equal_time"] = (model, train(model, vcfg, time_steps, f"{corpus.name} {name} (equal time)"))
+            runs["equal_time"] = (model, train(model, vcfg, time_steps, f"{corpus.name} {name} (equal time)",
+                                               cpu_budget_s=softmax_cpu, max_steps=int(args.max_time_factor * steps)))
         for budget, (model, training) in runs.items():
             log.info("quality: %s %s: %s", corpus.name, name, training)
             outputs, targets = head_outputs(model, vcfg, "valid")
@@ -614,27 +632,37 @@ def _piece(cfg, piece_id: int) -> str:
     return load_tokenizer(cfg.data_dir / "tokenizer.model").id_to_piece(piece_id)
 
 
+def planned_steps(steps: int, softmax_cpu_s: float, variant_cpu_s: float, max_factor: float) -> int:
+    """The steps a variant is expected to fit in softmax's CPU time for `steps` steps, from both runs' CPU
+    time for them (measured side by side): it plans an equal-time run's schedule, the budget ends it."""
+    return max(1, min(int(round(steps * softmax_cpu_s / max(variant_cpu_s, 1e-9))), int(max_factor * steps)))
+
+
 def downstream_steps(chosen: list[str], equal_tokens: dict, steps: int, budget: str, max_factor: float) -> dict[str, int]:
-    """Pretraining steps per downstream encoder: `steps` each (budget 'steps'), or (budget 'time') softmax's
-    process CPU time for `steps`: steps x softmax's CPU s per step / the variant's, both from this run's
-    equal-token rows (the same loop and data, measured side by side), at most max_factor x steps."""
+    """Pretraining steps per downstream encoder: `steps` each (budget 'steps'), or (budget 'time') the
+    planned steps in softmax's CPU time for `steps` (from this run's equal-token rows); the run itself
+    stops when softmax's measured CPU time is spent (downstream_encoders)."""
     if budget == "steps" or not steps:
         return {v: steps for v in chosen}
     softmax_cpu = equal_tokens["softmax"]["training"]["cpu_s"]
-    return {v: max(1, min(int(round(steps * softmax_cpu / max(equal_tokens[v]["training"]["cpu_s"], 1e-9))), int(max_factor * steps)))
-            for v in chosen}
+    return {v: planned_steps(steps, softmax_cpu, equal_tokens[v]["training"]["cpu_s"], max_factor) for v in chosen}
 
 
 def downstream_encoders(chosen: list[str], models: dict, cfg, variants: dict[str, list[str]], steps: dict[str, int], counts: np.ndarray,
-                        manifest: dict, root: Path, reuse: bool = False) -> dict[str, tuple[Path, dict]]:
+                        manifest: dict, root: Path, reuse: bool = False, budget: str = "steps", max_factor: float = 4.0) -> dict[str, tuple[Path, dict]]:
     """(export directory under root, training record) per downstream variant: its equal-time run's encoder
-    (steps 0), or a run of its own for steps[variant] steps with the same loop, data and seed (the quality
-    tables stay at the study's budget). reuse: an export whose EXPORT_STAMP has the same key (variant config,
-    steps, prepared data) is taken as it is; its record is the earlier run's, marked 'reused'."""
+    (steps 0), or a run of its own with the same loop, data and seed (the quality tables stay at the study's
+    budget): steps[variant] steps, or (budget 'time') softmax's - pretrained first - for steps['softmax'],
+    the others then training until their process CPU time reaches the CPU time softmax's run measured.
+    reuse: an export whose EXPORT_STAMP has the same key (variant config, budget, prepared data) is taken as
+    it is; its record is the earlier run's, marked 'reused'."""
     from pretrain.data.manifest import manifest_sha256
 
+    timed = budget == "time" and any(steps.values())
+    if timed and "softmax" not in chosen:
+        raise ValueError(f"--downstream-budget time pretrains every encoder for softmax's CPU time: add softmax to --downstream (now {chosen})")
     out = {}
-    for v in chosen:
+    for v in (["softmax", *[c for c in chosen if c != "softmax"]] if timed else chosen):
         stamp = root / v / EXPORT_STAMP
         if not steps[v]:
             model, vcfg, training = models[v]
@@ -644,15 +672,19 @@ def downstream_encoders(chosen: list[str], models: dict, cfg, variants: dict[str
         vcfg = variant_config(cfg, variants[v])
         table = target_table(vcfg)
         pretraining_cfg = {section: value for section, value in vcfg.to_dict().items() if section not in ("finetune", "tracking")}
-        key = {"config": pretraining_cfg, "overrides": variants[v], "steps": steps[v], "data": manifest_sha256(cfg.data_dir)}
+        cpu_budget = out["softmax"][1]["cpu_s"] if timed and v != "softmax" else None
+        # Equal time: the budget is "softmax's CPU time for its steps" (its measured seconds vary run to run).
+        amount = {"cpu_time_of_softmax_steps": steps["softmax"]} if cpu_budget else {"steps": steps[v]}
+        key = {"config": pretraining_cfg, "overrides": variants[v], **amount, "data": manifest_sha256(cfg.data_dir)}
         record = root / v / PRETRAINING_RECORD
         pretrained = []
 
         def pretrain_and_export():
             if reuse:
-                log.info("quality: downstream encoder %s: no earlier export with the same config, steps and data in %s; pretraining it", v, root / v)
+                log.info("quality: downstream encoder %s: no earlier export with the same config, budget and data in %s; pretraining it", v, root / v)
             model = build_variant(vcfg, variants[v], manifest["vocab_size"], table, counts, manifest["special_ids"])
-            training = train(model, vcfg, steps[v], f"downstream encoder {v}")
+            training = train(model, vcfg, steps[v], f"downstream encoder {v}", cpu_budget_s=cpu_budget,
+                             max_steps=int(max_factor * steps["softmax"]) if cpu_budget else None)
             log.info("quality: downstream encoder %s: %s", v, training)
             export_encoder(model, vcfg, root / v, vcfg.targets.path)
             record.write_text(json.dumps(training))
@@ -666,7 +698,7 @@ def downstream_encoders(chosen: list[str], models: dict, cfg, variants: dict[str
             log.info("quality: downstream encoder %s: reusing %s (--reuse-exports): pretrained %s", v, root / v, training)
             training["reused"] = str(root / v)
         out[v] = (root / v, training)
-    return out
+    return {v: out[v] for v in chosen}
 
 
 def downstream_choice(spec: str, equal_time: dict) -> list[str]:
@@ -711,7 +743,8 @@ def run(args: argparse.Namespace) -> dict:
             chosen = downstream_choice(args.downstream, result["budgets"]["equal_time"])
             root = Path(args.workdir) / corpus.name / "exports"
             steps_of = downstream_steps(chosen, result["budgets"]["equal_tokens"], pretrain_steps, args.downstream_budget, args.max_time_factor)
-            pretrained = downstream_encoders(chosen, models, cfg, variants, steps_of, counts, manifest, root, args.reuse_exports)
+            pretrained = downstream_encoders(chosen, models, cfg, variants, steps_of, counts, manifest, root, args.reuse_exports,
+                                             args.downstream_budget, args.max_time_factor)
             encoders = {v: path for v, (path, _) in pretrained.items()}
             # Control 2: random weights, input embeddings from the (first fixed) target table, no training.
             table_cfg = variant_config(cfg, VARIANTS["vmf_practice"])
@@ -783,7 +816,7 @@ def markdown(results: dict) -> str:
             steps_of = ", ".join(f"{v} {t['steps']} ({t['cpu_s']:.0f} CPU s{', reused' if t.get('reused') else ''})"
                                  for v, t in ds["pretraining"].items())
             if ds.get("budget") == "time":
-                steps_of += " - equal process CPU time (--downstream-budget time)"
+                steps_of += " - equal process CPU time (--downstream-budget time: each run stopped when softmax's CPU time was spent)"
             recipe = ", ".join(f"{k} {v}" for k, v in ds["finetune"].items())
             lines += [f"### Downstream task {task_name}: fine-tuned on {task['train_file']} ({ds['seeds']} seeds; {recipe}; "
                       "accuracy mean ± spread = max − min)", "",

@@ -131,6 +131,35 @@ def test_the_studys_training_shows_a_progress_bar_named_for_the_run_unless_train
     assert err.strip() == "" or progress
 
 
+@pytest.mark.parametrize("planned", [4, 5, 12])
+def test_a_cpu_budget_ends_training_when_spent_and_the_schedule_spans_it_whatever_was_planned(tiny_targets, planned, monkeypatch):
+    """Equal time: a run with cpu_budget_s stops at the first step whose steady CPU time reaches the budget,
+    and its learning rate follows the share of the budget spent (warm-up first, the floor at the end), not
+    the planned steps: a plan from an earlier timing can be off. Each step costs 2 s of a fake CPU clock."""
+    from pretrain.engine import schedule
+
+    cfg = quality.variant_config(tiny_targets, [*quality.VARIANTS["softmax"], "train.warmup_steps=2", "train.min_lr_ratio=0.1"])
+    table = quality.target_table(cfg)
+    model = quality.build_variant(cfg, quality.VARIANTS["softmax"], table.shape[0], table, None, None)
+    clock = [100.0]
+    step_done = model.after_optimizer_step
+    monkeypatch.setattr(model, "after_optimizer_step", lambda: (step_done(), clock.__setitem__(0, clock[0] + 2.0)))
+    monkeypatch.setattr(quality.time, "process_time", lambda: clock[0])
+    lrs = []
+    set_lr = schedule.set_lr
+    monkeypatch.setattr(schedule, "set_lr", lambda optimizer, lr: (lrs.append(lr), set_lr(optimizer, lr)))
+    training = quality.train(model, cfg, planned, cpu_budget_s=13.0)
+    # steady CPU after step k: (2k - 2) x k / (k - 1) = 2k; 2k >= 13 first at k = 7 (step 1 excluded, as in every row)
+    assert training["steps"] == 7 and training["cpu_s"] == 14.0 and training["cpu_budget_s"] == 13.0
+    assert training["planned_steps"] == planned
+    base, floor = cfg.train.lr, cfg.train.lr * cfg.train.min_lr_ratio
+    assert len(lrs) == 7 and lrs[0] < lrs[1] and max(lrs) == pytest.approx(base)  # warm-up, then the peak
+    assert lrs[-1] == pytest.approx(floor)  # the budget's end is the schedule's end
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # decaying in between
+    assert quality.train(model, cfg, planned, cpu_budget_s=13.0, max_steps=3)["steps"] == 3  # the cap
+    assert quality.train(model, cfg, planned)["steps"] == planned  # no budget: the steps
+
+
 def test_continuous_rows_are_compared_with_every_softmax_head_variant_and_those_with_softmax():
     rng = np.random.default_rng(0)
     names = {"softmax": "argmax", "adaptive_softmax": "argmax", "adaptive_softmax_sparse": "argmax",
@@ -163,9 +192,10 @@ def test_downstream_best_takes_every_softmax_head_variant_and_the_best_continuou
         quality.downstream_choice("softmax,syn_margin", equal_time)
 
 
-def test_downstream_budget_time_gives_each_encoder_softmaxs_cpu_time_in_its_own_steps():
-    """--downstream-budget time: steps x softmax's CPU s per step / the variant's (from the equal-token rows
-    measured side by side), capped at max_factor x steps; the steps budget and 0 (the equal-time runs) pass through."""
+def test_downstream_budget_time_plans_each_encoders_steps_in_softmaxs_cpu_time():
+    """--downstream-budget time plans steps x softmax's CPU s per step / the variant's (from the equal-token rows
+    measured side by side), capped at max_factor x steps; the steps budget and 0 (the equal-time runs) pass through.
+    (The runs stop on softmax's measured CPU time: test_a_cpu_budget_ends_training_...)"""
     equal_tokens = {name: {"training": {"steps": 300, "cpu_s": cpu}} for name, cpu in
                     (("softmax", 75.0), ("adaptive_softmax_sparse", 42.0), ("learned_vmf_sparse", 50.0), ("cosine", 10.0))}
     chosen = ["softmax", "adaptive_softmax_sparse", "learned_vmf_sparse", "cosine"]
@@ -173,6 +203,9 @@ def test_downstream_budget_time_gives_each_encoder_softmaxs_cpu_time_in_its_own_
     assert quality.downstream_steps(chosen, equal_tokens, 6000, "time", 4.0) == {
         "softmax": 6000, "adaptive_softmax_sparse": 10714, "learned_vmf_sparse": 9000, "cosine": 24000}  # 7.5x, capped at 4x
     assert quality.downstream_steps(chosen, equal_tokens, 0, "time", 4.0) == dict.fromkeys(chosen, 0)
+    # the run measures softmax's CPU time first: without softmax there is no budget, and it says so before training
+    with pytest.raises(ValueError, match="add softmax to --downstream"):
+        quality.downstream_encoders(["cosine"], {}, None, {}, {"cosine": 6000}, None, {}, Path("unused"), budget="time")
 
 
 def test_downstream_verdict_beats_only_when_the_gap_exceeds_the_larger_spread():
@@ -292,6 +325,12 @@ def test_small_study_scores_every_variant_on_the_same_whole_validation_split(sma
         assert len(corpus["source"]["sha256"]) == 64 and corpus["source"]["files"] >= 1  # what text was measured
         # Equal tokens: every variant took the same number of steps.
         assert {r["training"]["steps"] for r in corpus["budgets"]["equal_tokens"].values()} == {results["steps"]}
+        # Equal time: softmax's CPU time, each variant's run stopped when it was spent (or the equal-token run, within 5%)
+        for row in corpus["budgets"]["equal_time"].values():
+            training = row["training"]
+            if row["base_variant"] != "softmax" and training["steps"] != results["steps"]:
+                assert training["cpu_budget_s"] == pytest.approx(corpus["softmax_cpu_s"], abs=1e-3)
+                assert training["cpu_s"] >= training["cpu_budget_s"] or training["steps"] == int(4.0 * results["steps"])
 
 
 def test_small_study_fine_tunes_against_both_controls_and_writes_table_and_plots(small_study):
@@ -322,8 +361,12 @@ def test_small_study_fine_tunes_against_both_controls_and_writes_table_and_plots
     corpus = results["corpora"]["wordnet"]
     pretraining = corpus["downstream"]["pretraining"]
     steps = quality.SMALL["downstream_steps"]
-    assert steps != results["steps"] and pretraining["softmax"]["steps"] == steps
-    assert {v: t["steps"] for v, t in pretraining.items()} == quality.downstream_steps(list(pretraining), corpus["budgets"]["equal_tokens"], steps, "time", 4.0)
+    assert steps != results["steps"] and pretraining["softmax"]["steps"] == steps and "cpu_budget_s" not in pretraining["softmax"]
+    planned = quality.downstream_steps(list(pretraining), corpus["budgets"]["equal_tokens"], steps, "time", 4.0)
+    for v, t in pretraining.items():  # each other encoder trained until softmax's measured CPU time was spent
+        if v != "softmax":
+            assert t["cpu_budget_s"] == pytest.approx(pretraining["softmax"]["cpu_s"], abs=1e-3) and t["planned_steps"] == planned[v]
+            assert t["cpu_s"] >= t["cpu_budget_s"] or t["steps"] == int(4.0 * steps)
     assert {"softmax", "adaptive_softmax"} < set(pretraining)  # and the best continuous variant
     assert corpus["downstream"]["budget"] == "time" and "equal process CPU time" in table
     assert f"softmax {steps} (" in table and "encoder_lr_scale" in table
